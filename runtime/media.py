@@ -1,0 +1,476 @@
+"""Media I/O: the reference image, the driving audio, and the output mp4 (H.264 + AAC), with clear errors.
+
+Input side, matching the official AvatarForcing preprocessing (`inference.py`, `utils/dataset.py`):
+- image: decoded to RGB (`PIL.Image.convert("RGB")`: alpha dropped, no EXIF rotation, as the official loader),
+  resized with PIL BILINEAR (antialiased; what torchvision's `resize` runs on a PIL image), then /255 and
+  (x - 0.5) / 0.5 into [-1, 1] as `ToTensor` + `Normalize(0.5, 0.5)`. The model's size is fixed per config, so
+  `prepare_image` refuses a mismatched aspect ratio unless asked to crop; `official_size` gives the official
+  `ResizeKeepRatioArea16` size ("official quirk mode": any aspect, area <= 480*832, sides truncated to 16).
+- audio: float32 mono 16 kHz. Files are decoded with PyAV (any container/codec FFmpeg reads), channels averaged,
+  resampled with soxr. The official code reads with libsndfile and resamples with torchaudio, so resampled or mp3
+  input matches it closely but not bit for bit; 16 kHz int16 wav/flac input matches exactly.
+Output side: `frames_to_uint8` is the official write path (clamp, (x+1)/2, x255, truncating uint8 cast);
+`Mp4Writer` streams frames into an mp4 and publishes it by atomic rename only when it is complete.
+
+Shapes: T frames, H/W pixel size, C = 3 colour channels; PCM is a 1-D float32 array in [-1, 1].
+Not here: audio features (audio.py), the VAE (vae.py), video input other than reading back our own mp4s for tests.
+"""
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from contextlib import contextmanager
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import soxr
+import torch
+from PIL import Image
+
+SAMPLE_RATE = 16000           # the model's audio rate (wav2vec2 input)
+FPS = 25                      # the model's video rate
+AAC_RATE = 48000              # AAC track rate: the most widely supported one; 16 kHz input is upsampled by soxr
+AAC_FRAME = 1024              # samples per AAC frame (the encoder's frame_size)
+ASPECT_TOLERANCE = 0.02       # relative aspect mismatch accepted as a plain (slightly stretching) resize
+PEAK_TOLERANCE = 1e-3         # float PCM may exceed full scale by this much (rounding in upstream DSP)
+OFFICIAL_AREA = (480, 832)    # ResizeKeepRatioArea16 target area (h, w)
+IMAGE_HELP = "accepted: a file path, a PIL image, or a uint8 numpy array / torch tensor [H, W, 3|4] or [H, W]"
+AUDIO_HELP = "accepted: a file path (wav, mp3, flac, ogg, m4a, ...) or a 1-D float32 (in [-1, 1]) / int16 array"
+HELP = {"audio": AUDIO_HELP, "video": "accepted: a video file FFmpeg decodes (mp4, mkv, webm, ...)"}
+
+
+# --------------------------------------------------------------------------------------------- image
+
+def load_image(image) -> Image.Image:
+    """A path, PIL image or uint8 array ([H, W, 3], [H, W, 4] alpha dropped, [H, W] gray) -> RGB PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        return _read_image_file(_existing_file(image, "image"))
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8:
+            raise TypeError(f"image tensor has dtype {image.dtype}; expected torch.uint8 in [0, 255] ({IMAGE_HELP})")
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        return _image_from_array(image)
+    raise TypeError(f"unsupported image type {type(image).__name__}; {IMAGE_HELP}")
+
+
+def _read_image_file(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()                 # decode now: a truncated file fails here, not later inside resize
+            return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {path} is too large to decode safely: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:   # UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot read image {path}: not a valid image or the file is corrupt/truncated "
+                         f"({e}); use a PNG or JPEG file") from None
+
+
+def _image_from_array(a: np.ndarray) -> Image.Image:
+    if a.dtype != np.uint8:
+        raise TypeError(f"image array has dtype {a.dtype}; expected uint8 in [0, 255] "
+                        f"(for floats in [0, 1] use (a * 255).round().astype(np.uint8)); {IMAGE_HELP}")
+    if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[-1] not in (3, 4):
+        raise ValueError(f"image array shape {a.shape} looks channels-first; transpose to [H, W, C]")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))) or a.size == 0:
+        raise ValueError(f"image array shape {a.shape} not understood; {IMAGE_HELP}")
+    a = np.ascontiguousarray(a)
+    if a.ndim == 2:
+        return Image.fromarray(a, "L").convert("RGB")
+    return Image.fromarray(a[..., :3].copy(), "RGB")    # [H, W, 4] -> [H, W, 3]: alpha dropped, not composited
+
+
+def official_size(h: int, w: int, area: tuple[int, int] = OFFICIAL_AREA, div: int = 16) -> tuple[int, int]:
+    """(height, width) that the official `ResizeKeepRatioArea16(area, div)` gives an h x w image.
+
+    Official quirk mode: keeps the aspect ratio, shrinks (never enlarges) to at most area[0]*area[1] pixels and
+    truncates each side to a multiple of `div`. Only sizes with (H/16)*(W/16) == 1560 suit the released
+    checkpoint's hard-coded 1560 tokens per frame (e.g. 480x832); e.g. a 960x960 image gives 624x624.
+    """
+    s = min(1.0, math.sqrt(area[0] * area[1] / (h * w)))
+    return max(div, int(h * s) // div * div), max(div, int(w * s) // div * div)   # same float ops as official
+
+
+def prepare_image(image, height: int, width: int, fit: str = "error") -> torch.Tensor:
+    """Image -> float32 [3, height, width] in [-1, 1], resized as the official preprocessing.
+
+    fit: "error" refuses an aspect ratio more than 2% away from width/height; "crop" centre-crops to the target
+    aspect first; "stretch" resizes regardless (the official path with `official_size` sizes).
+    """
+    if fit not in ("error", "crop", "stretch"):
+        raise ValueError(f"fit={fit!r}; expected 'error', 'crop' or 'stretch'")
+    img = load_image(image)
+    w, h = img.size
+    mismatch = max(w * height, h * width) / min(w * height, h * width) - 1.0
+    if mismatch > ASPECT_TOLERANCE and fit == "error":
+        raise ValueError(f"image is {w}x{h} (WxH) but the model takes {width}x{height}: aspect ratios differ by "
+                         f"{mismatch:.1%}; pass fit='crop' to centre-crop, or resize the image yourself")
+    if mismatch > ASPECT_TOLERANCE and fit == "crop":
+        img = _centre_crop(img, width / height)
+        w, h = img.size
+    if 2 * w < width or 2 * h < height:
+        raise ValueError(f"image is too small: {w}x{h} (WxH) for a {width}x{height} model input; "
+                         f"need at least {math.ceil(width / 2)}x{math.ceil(height / 2)}")
+    img = img.resize((width, height), Image.Resampling.BILINEAR)   # antialiased when shrinking, as official
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)     # [H, W, 3] -> [3, H, W]
+    return x.float().div(255).sub(0.5).div(0.5)            # ToTensor then Normalize(0.5, 0.5), same fp32 ops
+
+
+def _centre_crop(img: Image.Image, aspect: float) -> Image.Image:
+    w, h = img.size
+    if w / h > aspect:                                     # too wide: trim columns
+        cw = round(h * aspect)
+        left = (w - cw) // 2
+        return img.crop((left, 0, left + cw, h))
+    ch = round(w / aspect)                                 # too tall: trim rows
+    top = (h - ch) // 2
+    return img.crop((0, top, w, top + ch))
+
+
+# --------------------------------------------------------------------------------------------- audio
+
+def load_audio(audio, sample_rate: int | None = None) -> np.ndarray:
+    """A file path or a 1-D array -> float32 mono PCM at 16 kHz.
+
+    Arrays are taken to be 16 kHz unless `sample_rate` says otherwise (then resampled). Files carry their own rate,
+    so `sample_rate` must be None for them. Decoded files are clipped to [-1, 1]: lossy decoders and resampling
+    can overshoot full scale slightly, and the streaming session rejects PCM beyond it.
+    """
+    if isinstance(audio, (str, os.PathLike)):
+        if sample_rate is not None:
+            raise ValueError(f"sample_rate={sample_rate} given with a file; a file carries its own rate")
+        pcm, rate = read_audio_track(audio)
+    else:
+        rate = SAMPLE_RATE if sample_rate is None else _check_rate(sample_rate)
+        pcm = _check_pcm(audio, allow_empty=False)
+        if rate == SAMPLE_RATE:
+            return pcm
+    pcm = np.clip(_resample(pcm, rate), -1.0, 1.0)
+    if pcm.size == 0:
+        raise ValueError(f"audio is too short: nothing left after resampling from {rate} Hz to {SAMPLE_RATE} Hz")
+    return pcm
+
+
+def validate_pcm(pcm, sample_rate: int = SAMPLE_RATE, allow_empty: bool = False) -> np.ndarray:
+    """Check one chunk of 16 kHz mono PCM and return it as float32 (may share memory with the input).
+
+    Accepts 1-D numpy arrays or torch tensors: float (finite, |x| <= 1 + 1e-3) or int16 (scaled by 1/32768).
+    Cheap enough to run on every pushed chunk: no copy for float32 input, then one min and one max.
+    """
+    if sample_rate != SAMPLE_RATE:
+        raise ValueError(f"audio must be {SAMPLE_RATE} Hz mono, got sample_rate={sample_rate}; "
+                         f"convert it with runtime.media.load_audio(pcm, sample_rate={sample_rate})")
+    return _check_pcm(pcm, allow_empty)
+
+
+def _check_rate(sample_rate) -> int:
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive int (Hz), got {sample_rate!r}")
+    return int(sample_rate)
+
+
+def _check_pcm(pcm, allow_empty: bool) -> np.ndarray:
+    if isinstance(pcm, torch.Tensor):
+        pcm = pcm.detach().cpu()
+        pcm = (pcm.float() if pcm.dtype in (torch.bfloat16, torch.float16) else pcm).numpy()
+    if not isinstance(pcm, np.ndarray):
+        raise TypeError(f"unsupported audio type {type(pcm).__name__}; {AUDIO_HELP}")
+    if pcm.ndim != 1:
+        raise ValueError(f"audio array has shape {pcm.shape}: stereo/multi-channel is not accepted as an array, "
+                         f"average the channels first (e.g. pcm.mean(axis=...)) to get a 1-D mono array")
+    if pcm.size == 0 and not allow_empty:
+        raise ValueError("audio is empty (0 samples)")
+    if pcm.dtype == np.int16:
+        return pcm.astype(np.float32) / np.float32(32768.0)     # the libsndfile convention the official code reads
+    if pcm.dtype.kind != "f":
+        raise TypeError(f"audio array has dtype {pcm.dtype}; expected float32 in [-1, 1] or int16 "
+                        f"(convert other integer PCM yourself, e.g. int32 / 2**31)")
+    pcm = pcm.astype(np.float32, copy=False)
+    if pcm.size:
+        _check_peak(pcm)
+    return pcm
+
+
+def _check_peak(pcm: np.ndarray) -> None:
+    lo, hi = float(pcm.min()), float(pcm.max())     # NaN propagates through min/max: no separate isnan pass
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"audio contains NaN ({int(np.isnan(pcm).sum())} samples)")
+    peak = max(-lo, hi)
+    if math.isinf(peak):
+        raise ValueError("audio contains inf")
+    if peak > 1.0 + PEAK_TOLERANCE:
+        raise ValueError(f"float audio must lie in [-1, 1]; max |x| = {peak:.4g}. Scale it (int16 PCM: divide "
+                         f"by 32768) or normalise (pcm / abs(pcm).max())")
+
+
+def read_audio_track(path) -> tuple[np.ndarray, int]:
+    """Decode a file's first audio stream at its own rate -> (float32 mono PCM, sample rate)."""
+    with _first_stream(path, "audio") as (container, stream):
+        chunks = [_frame_to_mono(f) for f in _decode_tolerating_tail(container, stream)]
+        rate = stream.rate
+    if not chunks or sum(c.size for c in chunks) == 0:
+        raise ValueError(f"audio file {path} is empty (0 samples decoded)")
+    return np.concatenate(chunks), int(rate)
+
+
+def _decode_tolerating_tail(container, stream):
+    """Yield decoded frames; a bad packet is an error unless it is the last one (a truncated download, which
+    ffmpeg's own tools also accept). Skipping a bad packet mid-file would shift later audio against the video."""
+    failure = None
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.error.InvalidDataError as e:
+            failure = e
+            continue
+        if failure is not None and frames:
+            raise failure                          # corruption followed by more audio: not just a cut-off end
+        yield from frames
+
+
+def _frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
+    """One decoded frame -> float32 [n], channels averaged like `audio.mean(axis=1)` in the official reader."""
+    a = frame.to_ndarray()
+    channels = frame.layout.nb_channels
+    if not frame.format.is_planar:
+        a = a.reshape(-1, channels).T          # packed [1, n*C] -> [C, n]
+    if a.dtype == np.int16:
+        a = a.astype(np.float32) / np.float32(32768.0)
+    elif a.dtype == np.int32:
+        a = (a / 2.0 ** 31).astype(np.float32)
+    elif a.dtype == np.uint8:
+        a = (a.astype(np.float32) - 128.0) / np.float32(128.0)
+    else:
+        a = a.astype(np.float32, copy=False)
+    return a[0] if channels == 1 else a.mean(axis=0, dtype=np.float32)
+
+
+def _resample(pcm: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    if rate == target:
+        return pcm
+    return soxr.resample(pcm, rate, target).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------- video
+
+def frames_to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """Decoder output [1, 3, T, H, W] or [3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] on the same device.
+
+    The official write path: fp32, clamp(-1, 1), x*0.5 + 0.5 (bitwise equal to (x+1)/2, scaling by 2 is exact),
+    clamp(0, 1), x255, then a float -> uint8 cast, which truncates (199.99 -> 199), it does not round.
+    """
+    if not isinstance(video, torch.Tensor):
+        raise TypeError(f"frames_to_uint8 takes a torch tensor, got {type(video).__name__}")
+    if video.dim() == 5:
+        if video.shape[0] != 1:
+            raise ValueError(f"batch of {video.shape[0]} videos; pass one video [1, 3, T, H, W]")
+        video = video[0]
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise ValueError(f"expected video [1, 3, T, H, W] or [3, T, H, W], got {tuple(video.shape)}")
+    x = (video.float().clamp(-1, 1) * 0.5 + 0.5).clamp(0, 1)
+    return (x * 255.0).to(torch.uint8).permute(1, 2, 3, 0).contiguous()   # [3, T, H, W] -> [T, H, W, 3]
+
+
+class Mp4Writer:
+    """Stream uint8 frames [T, H, W, 3] into an H.264 (yuv420p) mp4, optionally with an AAC track.
+
+    with Mp4Writer("out.mp4", audio=pcm) as w:     # pcm: float32 mono 16 kHz (or a file path)
+        for frames in stream: w.write(frames)      # any number of frames per call, T = 0 allowed
+    The file appears at `path` only when the block exits cleanly with at least one frame: frames go to a hidden
+    temporary file beside it, renamed over `path` at the end, so an error never leaves a half-written mp4 nor
+    clobbers an existing file. yuv420p needs even sides: an odd width/height is padded by repeating the last
+    column/row. `scale` upsamples by an integer factor (nearest) before that, for tiny demo sizes. The audio track
+    is cut to the video's duration (ffmpeg's -shortest, as the official muxing); audio shorter than the video
+    leaves a shorter track.
+    """
+
+    def __init__(self, path, fps: int = FPS, audio=None, crf: int = 18, preset: str = "medium", scale: int = 1):
+        if not isinstance(scale, int) or scale < 1:
+            raise ValueError(f"scale must be a positive int, got {scale!r}")
+        self.path, self.fps, self.crf, self.preset, self.scale = Path(path), fps, crf, preset, scale
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(f"output directory {self.path.parent} does not exist")
+        self._container = self._video = self._audio_stream = None
+        self._pcm48 = None              # the AAC track's samples, float32 at AAC_RATE
+        self._audio_pos = 0             # samples of _pcm48 already encoded
+        self._size_in = None            # (H, W) of the frames as given, before scale and padding
+        self._closed = False
+        self.frames_written = 0
+        if audio is not None:
+            self.set_audio(audio)
+        # Hidden, unique, beside the target (so the final rename stays on one filesystem); created by the first
+        # write with the user's umask (mkstemp would make the published mp4 owner-only).
+        self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.part")
+
+    def set_audio(self, audio) -> None:
+        """Attach the audio track: float32 mono 16 kHz PCM or a file path. Must come before the first write."""
+        if self._container is not None:
+            raise RuntimeError("set_audio must be called before the first write(): the mp4 header declares streams")
+        self._pcm48 = _resample(load_audio(audio), SAMPLE_RATE, AAC_RATE)
+
+    def write(self, frames) -> None:
+        """Append uint8 frames [T, H, W, 3] (numpy or torch, any device)."""
+        if self._closed:
+            raise RuntimeError(f"Mp4Writer for {self.path} is already closed")
+        frames = self._check_frames(frames)
+        if frames.shape[0] == 0:
+            return
+        if self.scale > 1:
+            frames = frames.repeat(self.scale, axis=1).repeat(self.scale, axis=2)
+        frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+        if self._container is None:
+            self._open(frames.shape[2], frames.shape[1])
+        for rgb in frames:
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = self.frames_written
+            self._mux(self._video.encode(frame))
+            self.frames_written += 1
+        self._encode_audio(until=self._video_samples())
+
+    def _check_frames(self, frames) -> np.ndarray:
+        if isinstance(frames, torch.Tensor):
+            frames = frames.detach().cpu().numpy()
+        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
+            raise TypeError(f"frames must be a uint8 array/tensor [T, H, W, 3], got "
+                            f"{getattr(frames, 'dtype', type(frames).__name__)} (see frames_to_uint8)")
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be [T, H, W, 3], got shape {frames.shape}")
+        if self._size_in is not None and frames.shape[0] and self._size_in != frames.shape[1:3]:
+            raise ValueError(f"frame size changed from {self._size_in} to {frames.shape[1:3]} (H, W) mid-video")
+        if frames.shape[0]:
+            self._size_in = frames.shape[1:3]
+        return frames
+
+    def _open(self, width: int, height: int) -> None:
+        self._container = av.open(str(self._tmp), mode="w", format="mp4")
+        self._video = self._container.add_stream("libx264", rate=Fraction(self.fps))
+        self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
+        self._video.time_base = Fraction(1, self.fps)
+        self._video.options = {"crf": str(self.crf), "preset": self.preset}
+        if self._pcm48 is not None:
+            self._audio_stream = self._container.add_stream("aac", rate=AAC_RATE, layout="mono")
+
+    def _video_samples(self) -> int:
+        return self.frames_written * AAC_RATE // self.fps     # AAC samples spanned by the frames so far
+
+    def _encode_audio(self, until: int, final: bool = False) -> None:
+        """Encode whole AAC frames of the track up to sample `until` (and the partial tail when final)."""
+        if self._audio_stream is None:
+            return
+        until = min(until, self._pcm48.size)
+        while self._audio_pos < until and (final or until - self._audio_pos >= AAC_FRAME):
+            chunk = self._pcm48[self._audio_pos:self._audio_pos + min(AAC_FRAME, until - self._audio_pos)]
+            frame = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")   # [1 channel, n]
+            frame.sample_rate, frame.pts = AAC_RATE, self._audio_pos
+            self._mux(self._audio_stream.encode(frame))
+            self._audio_pos += chunk.size
+        if final:
+            self._mux(self._audio_stream.encode(None))
+
+    def _mux(self, packets) -> None:
+        for packet in packets:
+            self._container.mux(packet)
+
+    def close(self) -> None:
+        """Flush encoders and publish the file at `path`; raises (leaving no file) if no frame was written."""
+        if self._closed:
+            return
+        if self.frames_written == 0:
+            self.abort()
+            raise ValueError(f"no frames were written; nothing saved to {self.path}")
+        try:
+            self._mux(self._video.encode(None))
+            self._encode_audio(until=self._video_samples(), final=True)
+            self._container.close()
+            self._container = None
+            os.replace(self._tmp, self.path)      # atomic on one filesystem: readers see the old file or the new
+            self._closed = True
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Discard everything written so far; the target path is left as it was."""
+        self._closed = True
+        if self._container is not None:
+            try:
+                self._container.close()
+            except av.FFmpegError:
+                pass                               # a half-initialised container: the temp file goes anyway
+            self._container = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# --------------------------------------------------------------------------------------------- reading back
+
+def probe(path) -> dict:
+    """Container facts via PyAV: {"duration": s, "streams": [{"type", "codec", ...}]} (video: fps, frames,
+    width, height, pix_fmt, duration; audio: sample_rate, channels, frames, duration)."""
+    path = _existing_file(path, "media")
+    try:
+        with av.open(str(path)) as container:
+            duration = container.duration / av.time_base if container.duration else None
+            return {"duration": duration, "streams": [_stream_info(s) for s in container.streams]}
+    except av.FFmpegError as e:
+        raise ValueError(f"cannot open media file {path}: {e}") from None
+
+
+def _stream_info(stream) -> dict:
+    info = {"type": stream.type, "codec": stream.codec_context.name, "frames": stream.frames,
+            "duration": float(stream.duration * stream.time_base) if stream.duration else None}
+    if stream.type == "video":
+        info.update(fps=float(stream.average_rate) if stream.average_rate else None, width=stream.width,
+                    height=stream.height, pix_fmt=stream.codec_context.pix_fmt)
+    elif stream.type == "audio":
+        info.update(sample_rate=stream.rate, channels=stream.codec_context.layout.nb_channels)
+    return info
+
+
+def read_video(path) -> tuple[np.ndarray, float]:
+    """Decode a file's first video stream -> (uint8 [T, H, W, 3] RGB, fps)."""
+    with _first_stream(path, "video") as (container, stream):
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        fps = float(stream.average_rate)
+    if not frames:
+        raise ValueError(f"video file {path} has no frames")
+    return np.stack(frames), fps
+
+
+@contextmanager
+def _first_stream(path, kind: str):
+    """Open a media file and yield (container, its first `kind` stream); FFmpeg errors become ValueErrors."""
+    path = _existing_file(path, kind)
+    try:
+        with av.open(str(path)) as container:
+            streams = getattr(container.streams, kind)
+            if not streams:
+                raise ValueError(f"{path} has no {kind} stream; {HELP[kind]}")
+            yield container, streams[0]
+    except av.FFmpegError as e:
+        raise ValueError(f"cannot decode {kind} file {path}: {e}; the file is corrupt or not {kind} "
+                         f"({HELP[kind]})") from None
+
+
+def _existing_file(path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{what} path {path} is not a regular file")
+    return path
