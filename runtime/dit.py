@@ -19,19 +19,55 @@ Not here: window plans, caches, x0 conversion, VAE, audio/text encoders. Paramet
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels import HAS_TRITON
+
 from .config import ModelConfig
 from .rope import apply_rope
 
+# The Triton kernels replace the hot paths when triton and a GPU are both present; `model.use_kernels`
+# overrides this per model (the tests turn it on under the CPU interpreter).
+KERNELS_AVAILABLE = HAS_TRITON and torch.cuda.is_available()
+
+
+@dataclass
+class Prefix:
+    """Keys/values a call attends to before its own window, already rotated to the call's positions.
+
+    anchor: (k, v) [B, S_a, N_h, D] or None; ring: (k, v) [B, cap, N_h, D] or None, of which rows
+    (ring_start + i) % cap for i < ring_len are valid (a ring whose valid part wraps needs no copy).
+    """
+    anchor: Optional[tuple[Tensor, Tensor]] = None
+    ring: Optional[tuple[Tensor, Tensor]] = None
+    ring_start: int = 0
+    ring_len: int = 0
+
+    def concat(self) -> Optional[tuple[Tensor, Tensor]]:
+        """[anchor | valid ring rows in order] as one (k, v) pair (the reference path)."""
+        ks, vs = [], []
+        if self.anchor is not None:
+            ks.append(self.anchor[0])
+            vs.append(self.anchor[1])
+        if self.ring is not None and self.ring_len:
+            cap = self.ring[0].shape[1]
+            idx = (self.ring_start + torch.arange(self.ring_len, device=self.ring[0].device)) % cap
+            ks.append(self.ring[0][:, idx])
+            vs.append(self.ring[1][:, idx])
+        if not ks:
+            return None
+        return (torch.cat(ks, 1), torch.cat(vs, 1)) if len(ks) > 1 else (ks[0], vs[0])
+
+
 # (layer, k_pre [B, S, N_h, D], v [B, S, N_h, D]) -> None
 KVSink = Callable[[int, Tensor, Tensor], None]
-# layer -> (k_rotated [B, S_p, N_h, D], v [B, S_p, N_h, D]) or None
-KVPrefix = Callable[[int], Optional[tuple[Tensor, Tensor]]]
+# layer -> Prefix, a plain (k_rotated, v) pair, or None
+KVPrefix = Callable[[int], Optional[Prefix]]
 
 
 class RMSNorm(nn.Module):
@@ -74,14 +110,34 @@ class SelfAttention(nn.Module):
         shape = (*x.shape[:2], self.num_heads, self.head_dim)
         return self.norm_q(self.q(x)).view(shape), self.norm_k(self.k(x)).view(shape), self.v(x).view(shape)
 
-    def forward(self, x, rope, prefix=None, mask=None):
+    def forward(self, x, rope, prefix=None, mask=None, use_kernels: bool = False):
+        if use_kernels and mask is None:
+            return self._forward_kernels(x, rope, prefix)
         q, k, v = self.qkv(x)
         cos, sin = rope
         keys, values = apply_rope(k, cos, sin), v
+        if isinstance(prefix, Prefix):
+            prefix = prefix.concat()
         if prefix is not None:                         # [anchor | history] before the window
             keys, values = torch.cat([prefix[0], keys], 1), torch.cat([prefix[1], values], 1)
         out = attention(apply_rope(q, cos, sin), keys, values, mask)
         return self.o(out.flatten(2)), k, v
+
+    def _forward_kernels(self, x, rope, prefix):
+        """Fused q/k RMSNorm + RoPE, then attention over the prefix segments and the window without a concat."""
+        from kernels.ring_attention import ring_attention
+        from kernels.rope import qk_norm_rope
+        v = self.v(x).view(*x.shape[:2], self.num_heads, self.head_dim)
+        q_rot, k_rot, k_pre = qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight,
+                                           rope.axes, self.num_heads, self.norm_q.eps)
+        if prefix is not None and not isinstance(prefix, Prefix):
+            prefix = Prefix(anchor=prefix)
+        prefix = prefix or Prefix()
+        anchor = prefix.anchor or (None, None)
+        ring = prefix.ring or (None, None)
+        out = ring_attention(q_rot, k_rot, v, anchor_k=anchor[0], anchor_v=anchor[1], ring_k=ring[0],
+                             ring_v=ring[1], ring_start=prefix.ring_start, ring_len=prefix.ring_len)
+        return self.o(out.flatten(2)), k_pre, v
 
 
 class CrossAttention(nn.Module):
@@ -121,16 +177,25 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
-    def forward(self, x, e0, rope, context_kv, prefix=None, mask=None):
-        """x [B, S, C], e0 [B, F, 6, C] -> (x, k_pre, v)."""
+    def forward(self, x, e0, rope, context_kv, prefix=None, mask=None, audio=None, use_kernels=False):
+        """x [B, S, C], e0 [B, F, 6, C], audio [B, F, C] or None (added to x first) -> (x, k_pre, v)."""
         frames = e0.shape[1]
         # shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn; each [B, F, 1, C]
         m = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
-        h = (per_frame(self.norm1(x), frames) * (1 + m[1]) + m[0]).flatten(1, 2)
-        y, k, v = self.self_attn(h, rope, prefix, mask)
+        if use_kernels:
+            from kernels.audio_inject import audio_inject
+            x, h = audio_inject(x, m[0].squeeze(2), m[1].squeeze(2), audio, self.norm1.eps)
+        else:
+            if audio is not None:          # residual-stream add, broadcast over the frame's tokens
+                x = (audio.unsqueeze(2) + per_frame(x, frames)).flatten(1, 2)
+            h = (per_frame(self.norm1(x), frames) * (1 + m[1]) + m[0]).flatten(1, 2)
+        y, k, v = self.self_attn(h, rope, prefix, mask, use_kernels)
         x = x + (per_frame(y, frames) * m[2]).flatten(1, 2)
         x = x + self.cross_attn(self.norm3(x), context_kv)
-        h = (per_frame(self.norm2(x), frames) * (1 + m[4]) + m[3]).flatten(1, 2)
+        if use_kernels:
+            h = audio_inject(x, m[3].squeeze(2), m[4].squeeze(2), None, self.norm2.eps)[1]
+        else:
+            h = (per_frame(self.norm2(x), frames) * (1 + m[4]) + m[3]).flatten(1, 2)
         x = x + (per_frame(self.ffn(h), frames) * m[5]).flatten(1, 2)
         return x, k, v
 
@@ -185,6 +250,7 @@ class AvatarDiT(nn.Module):
         self.head = Head(cfg)
         self.audio_proj = AudioPack(cfg)
         self.audio_cond_projs = nn.ModuleList(nn.Linear(cfg.audio_hidden, dim) for _ in range(cfg.num_audio_projs))
+        self.use_kernels = KERNELS_AVAILABLE
 
     @property
     def dtype(self) -> torch.dtype:
@@ -237,11 +303,11 @@ class AvatarDiT(nn.Module):
         tokens = self.patchify(x, y)
         e, e0 = self.time_embed(t)
         audio_tok = self.audio_tokens(audio)
+        kernels = self.use_kernels and mask is None
         for i, block in enumerate(self.blocks):
             a = self.audio_layer(i, len(self.blocks))
-            if a is not None:      # residual-stream add, broadcast over the frame's tokens
-                tokens = (audio_tok[a].unsqueeze(2) + per_frame(tokens, grid[0])).flatten(1, 2)
-            tokens, k, v = block(tokens, e0, rope, context_kv[i], prefix(i) if prefix else None, mask)
+            tokens, k, v = block(tokens, e0, rope, context_kv[i], prefix(i) if prefix else None, mask,
+                                 audio_tok[a] if a is not None else None, kernels)
             if kv_sink is not None:
                 kv_sink(i, k, v)
         return self.unpatchify(self.head(tokens, e), grid)

@@ -84,3 +84,43 @@ def rotate_time(x: Tensor, delta: float, head_dim: int) -> Tensor:
     cos = theta.cos().to(device=x.device, dtype=torch.float32).expand(x.shape[1], -1)
     sin = theta.sin().to(device=x.device, dtype=torch.float32).expand(x.shape[1], -1)
     return apply_rope(x, cos, sin)
+
+
+def axis_tables(frames, grid_hw: tuple[int, int], head_dim: int, device=None) -> tuple[Tensor, ...]:
+    """Per-axis float32 tables for the kernels: (cos_t [F, P_t], sin_t, cos_h [G_h, P_h], sin_h, cos_w [G_w, P_w],
+    sin_w), angles in float64. Row i of the time table belongs to the i-th frame of the call, whatever its position."""
+    t_pairs, h_pairs, _ = axis_pairs(head_dim)
+    omega = inv_freqs(head_dim)
+    parts = ((torch.as_tensor(list(frames), dtype=torch.float64), omega[:t_pairs]),
+             (torch.arange(grid_hw[0], dtype=torch.float64), omega[t_pairs:t_pairs + h_pairs]),
+             (torch.arange(grid_hw[1], dtype=torch.float64), omega[t_pairs + h_pairs:]))
+    out = []
+    for pos, om in parts:
+        theta = torch.outer(pos, om)
+        out += [theta.cos().to(device=device, dtype=torch.float32).contiguous(),
+                theta.sin().to(device=device, dtype=torch.float32).contiguous()]
+    return tuple(out)
+
+
+class Rope:
+    """The positions of one call's tokens (latent frames on the token grid) with both table forms, built once:
+    `full` = (cos, sin) [S, D/2] for `apply_rope`, `axes` = per-axis tables for the Triton kernels."""
+
+    def __init__(self, frames, grid_hw: tuple[int, int], head_dim: int, device=None):
+        self.frames, self.grid_hw, self.head_dim, self.device = tuple(frames), grid_hw, head_dim, device
+        self._full = self._axes = None
+
+    @property
+    def full(self) -> tuple[Tensor, Tensor]:
+        if self._full is None:
+            self._full = rope_cos_sin(grid_positions(self.frames, self.grid_hw), self.head_dim, self.device)
+        return self._full
+
+    @property
+    def axes(self) -> tuple[Tensor, ...]:
+        if self._axes is None:
+            self._axes = axis_tables(self.frames, self.grid_hw, self.head_dim, self.device)
+        return self._axes
+
+    def __iter__(self):          # `cos, sin = rope` keeps working where a plain table pair is expected
+        return iter(self.full)

@@ -48,11 +48,12 @@ def test_wan_1_3b_state_dict_on_meta():
 
 
 def block_io(model, cfg, audio, frames=2):
-    """Inputs and outputs of every block for one forward."""
+    """Per block: the residual stream its norm1 sees (after any audio add) and the block's output."""
     x, y, _, ctx = inputs(cfg, frames)
-    seen = {}
-    hooks = [blk.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, (a[0], o[0])))
-             for i, blk in enumerate(model.blocks)]
+    seen, hooks = {}, []
+    for i, blk in enumerate(model.blocks):
+        hooks.append(blk.norm1.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, [a[0]])))
+        hooks.append(blk.register_forward_hook(lambda m, a, o, i=i: seen[i].append(o[0])))
     with torch.no_grad():
         model(x, y, torch.full((1, frames), 500.0), audio, model.context_kv(ctx), rope_for(cfg, range(frames)))
     for h in hooks:
@@ -67,7 +68,7 @@ def test_audio_is_added_exactly_before_blocks_2_to_half(tiny):
     tokens = model.audio_tokens(audio)
     assert len(tokens) == cfg.num_layers // 2 - 1 == 2
     for i in range(1, cfg.num_layers):
-        added = seen[i][0] - seen[i - 1][1]                               # input of i minus output of i-1
+        added = seen[i][0] - seen[i - 1][1]                # what block i normalizes minus block i-1's output
         a = model.audio_layer(i, cfg.num_layers)
         if a is None:
             assert torch.equal(added, torch.zeros_like(added)), i

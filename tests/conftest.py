@@ -1,0 +1,26 @@
+"""Test set-up: Triton kernels run under the CPU interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before any `@triton.jit` decorates (triton reads it then), so it is set here,
+before the test modules import `kernels`.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+    if not config.getoption("-m"):
+        skip_slow = pytest.mark.skip(reason="slow: run with -m slow (make test-all)")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
