@@ -284,7 +284,7 @@ class AvatarDiT(nn.Module):
 
     def patchify(self, x: Tensor, y: Tensor) -> Tensor:
         """[B, 16, F, h, w] + [B, 17, F, h, w] -> tokens [B, S, C], frame-major then row then column."""
-        return self.patch_embedding(torch.cat([x, y], dim=1).to(self.dtype)).flatten(2).transpose(1, 2)
+        return self.patch_embedding(torch.cat([x, y], dim=1).to(self.dtype)).flatten(2).transpose(1, 2).contiguous()
 
     def unpatchify(self, out: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """Head output [B, F, S_f, p_t*p_h*p_w*c] -> [B, c, F*p_t, h, w] (channel last inside a patch)."""

@@ -172,3 +172,46 @@ def test_audio_inject_bf16():
     ref32 = audio_inject_ref(ref[0].float(), mod[:, :, 0].float(), mod[:, :, 1].float(), None)
     assert torch.equal(got[0], ref[0])
     assert_close(got[1], ref[1], ref32[1], torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------- whole model
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_dit_kernel_path_equals_reference_path(dtype):
+    """A whole tiny DiT call with anchor + wrapped ring prefix: kernels on vs off.
+    Tolerance: fp32 1e-4 max abs on the flow output (errors of ~1e-6 per op through 6 blocks);
+    fp16 within 2x the fp16 reference's own error against fp32 plus 2e-3."""
+    from runtime.config import ModelConfig
+    from runtime.dit import AvatarDiT, Prefix, init_random_
+    from runtime.rope import Rope
+    cfg = ModelConfig.preset("tiny")
+    model = init_random_(AvatarDiT(cfg), seed=0).to(DEVICE)
+    frames, s = 3, cfg.tokens_per_frame
+    h, w = cfg.latent_hw
+    x, y = rand(1, 16, frames, h, w, dtype=torch.float32, seed=1), rand(1, 17, frames, h, w, dtype=torch.float32, seed=2)
+    audio = rand(1, 4 * frames, cfg.audio_input_dim, dtype=torch.float32, seed=3)
+    ctx = rand(1, cfg.text_len, cfg.text_dim, dtype=torch.float32, seed=4)
+    t = torch.tensor([[555.5, 769.2, 1000.0]], device=DEVICE)
+    kv = [(rand(1, s, 2, 32, dtype=torch.float32, seed=10 + i), rand(1, 3 * s, 2, 32, dtype=torch.float32, seed=50 + i))
+          for i in range(cfg.num_layers)]
+
+    def run(model, kernels, dt):
+        model.use_kernels = kernels
+        rope, anchor_rope = Rope([3, 4, 5], cfg.grid_hw, cfg.head_dim, DEVICE), Rope([0], cfg.grid_hw, cfg.head_dim, DEVICE)
+        ring_rope = Rope([2, 0, 1], cfg.grid_hw, cfg.head_dim, DEVICE)    # 3 slots; valid: slots 2, 0 (wraps)
+
+        def prefix(i):
+            a, r = kv[i][0].to(dt), kv[i][1].to(dt)
+            return Prefix(anchor=(rope_rotate_ref(a, anchor_rope.axes), a),
+                          ring=(rope_rotate_ref(r, ring_rope.axes), r), ring_start=2 * s, ring_len=2 * s)
+        with torch.no_grad():
+            return model(x.to(dt), y.to(dt), t, audio.to(dt), model.context_kv(ctx.to(dt)), rope, prefix=prefix)
+
+    ref32 = run(model, False, torch.float32)
+    model_dt = AvatarDiT(cfg).to(device=DEVICE, dtype=dtype)
+    model_dt.load_state_dict(model.state_dict())
+    got, ref_lowp = run(model_dt, True, dtype), run(model_dt, False, dtype)
+    if dtype == torch.float32:
+        assert (got - ref32).abs().max() <= 1e-4
+    else:
+        err, own = (got.float() - ref32).abs().max(), (ref_lowp.float() - ref32).abs().max()
+        assert err <= 2 * own + 2e-3, (err, own)
