@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.<name>`; each prints a table, then one JSON line last."""
