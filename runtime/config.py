@@ -155,10 +155,11 @@ class ModelConfig:
         return _from_dict(cls, data)
 
     @classmethod
-    def preset(cls, name: str) -> "ModelConfig":
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A named preset, optionally with some fields changed (e.g. `decoder="taehv"`)."""
         if name not in MODEL_PRESETS:
             raise ValueError(f"unknown model preset {name!r}; available: {', '.join(sorted(MODEL_PRESETS))}")
-        return cls(name=name, **MODEL_PRESETS[name])
+        return _from_dict(cls, {**MODEL_PRESETS[name], **overrides, "name": name})
 
 
 MODEL_PRESETS: dict[str, dict] = {
@@ -243,10 +244,11 @@ class StreamConfig:
         return _from_dict(cls, data)
 
     @classmethod
-    def preset(cls, name: str) -> "StreamConfig":
+    def preset(cls, name: str, **overrides) -> "StreamConfig":
+        """A named preset, optionally with some fields changed (e.g. `use_style_anchor=False`)."""
         if name not in STREAM_PRESETS:
             raise ValueError(f"unknown stream preset {name!r}; available: {', '.join(sorted(STREAM_PRESETS))}")
-        return cls(name=name, **STREAM_PRESETS[name])
+        return _from_dict(cls, {**STREAM_PRESETS[name], **overrides, "name": name})
 
 
 STREAM_PRESETS: dict[str, dict] = {

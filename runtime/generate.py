@@ -1,0 +1,120 @@
+"""Command line: stream an audio file through a session and write an mp4 (H.264 + AAC) with a progress bar.
+
+    python -m runtime.generate --out out.mp4                       # shipped sample image + speech
+    python -m runtime.generate --image me.png --audio talk.wav --out out.mp4 --weights DIR --device cuda
+
+The audio is pushed in real-time-sized chunks (default 200 ms), exactly as a live caller would, and frames are
+written as they come out. Exit codes: 0 ok, 2 bad input (the message says what to fix). A failed run leaves no
+partial mp4 behind, and an existing file at --out is only replaced by a complete one.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+SAMPLE_IMAGE = ASSETS / "sample" / "face.png"
+SAMPLE_AUDIO = ASSETS / "sample" / "speech.wav"
+DEFAULT_PRESET = "tiny"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m runtime.generate", description=__doc__.split("\n\n")[0])
+    # inputs and output
+    p.add_argument("--image", help="reference image (png/jpg/...); default: the shipped sample face")
+    p.add_argument("--audio", help="speech audio (wav/mp3/flac/...; any rate); default: the shipped sample")
+    p.add_argument("--out", required=True, help="output .mp4 path")
+    p.add_argument("--text", default="", help="text prompt (needs the umT5 encoder or an embedding file)")
+    # model
+    p.add_argument("--preset", default=None, help=f"model preset (default {DEFAULT_PRESET}, or wan-1.3b with --weights)")
+    p.add_argument("--weights", help="directory in the official download layout (see README 'Real weights')")
+    p.add_argument("--stream", default="official", help="stream preset: official, relative, low-delay")
+    p.add_argument("--audio-mode", default="stream", choices=["stream", "clip"],
+                   help="stream: live incremental features; clip: whole-clip features (official, offline)")
+    # execution
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fit", default=None, choices=["error", "crop"],
+                   help="image aspect differs from the model's: error (default) or centre-crop")
+    p.add_argument("--chunk-ms", type=float, default=200.0, help="audio pushed per call in stream mode")
+    p.add_argument("--scale", type=int, default=None, help="integer upscale of the written video (nearest)")
+    return p.parse_args(argv)
+
+
+def build_pipeline(args):
+    import torch
+
+    from .pipeline import AvatarPipeline
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    if args.weights:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = AvatarPipeline.from_pretrained(args.weights, preset=args.preset or "wan-1.3b", device=device,
+                                                  dtype=dtype, seed=args.seed)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+    else:
+        pipe = AvatarPipeline.from_preset(args.preset or DEFAULT_PRESET, device=device, dtype=dtype, seed=args.seed)
+    if pipe.random_components:
+        print(f"note: {', '.join(pipe.random_components)} carry RANDOM weights, so the video will be noise, not a "
+              "face. To load real weights: --weights DIR --preset wan-1.3b (README section 'Real weights').",
+              file=sys.stderr)
+    return pipe
+
+
+def run(args) -> Path:
+    import torch
+    from tqdm import tqdm
+
+    from .media import Mp4Writer, load_audio
+    out = Path(args.out)
+    if out.suffix.lower() != ".mp4":
+        raise ValueError(f"--out must end in .mp4, got {out.name!r}")
+    if not out.parent.exists():
+        raise FileNotFoundError(f"output directory {out.parent} does not exist")
+    image = args.image or SAMPLE_IMAGE
+    fit = args.fit or ("crop" if args.image is None else "error")   # the shipped sample is square: crop it
+    pcm = load_audio(args.audio or SAMPLE_AUDIO)
+    pipe = build_pipeline(args)
+    cfg = pipe.config
+    scale = args.scale or max(1, 256 // max(cfg.height, cfg.width))  # tiny presets are upscaled for viewing
+    total = 1 + -(-len(pcm) // cfg.samples_per_frame)
+    with Mp4Writer(out, fps=cfg.fps, audio=pcm, scale=scale) as writer, \
+            tqdm(total=total, unit="frame", desc="generating", file=sys.stderr) as bar:
+        if args.audio_mode == "clip":
+            video = pipe.generate(image, pcm, stream=args.stream, audio_mode="clip", seed=args.seed,
+                                  text=args.text, fit=fit)
+            writer.write(video.numpy())
+            bar.update(len(video))
+        else:
+            sess = pipe.session(image, stream=args.stream, text=args.text, seed=args.seed, fit=fit)
+            step = max(1, int(args.chunk_ms * cfg.sample_rate / 1000))
+            for start in range(0, len(pcm), step):
+                frames = sess.push_audio(pcm[start:start + step])
+                writer.write(frames.numpy())
+                bar.update(len(frames))
+            frames = sess.flush()
+            writer.write(frames.numpy())
+            bar.update(len(frames))
+    print(f"wrote {out} ({total} frames at {cfg.fps} fps, {cfg.width * scale}x{cfg.height * scale})",
+          file=sys.stderr)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

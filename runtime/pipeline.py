@@ -1,0 +1,230 @@
+"""AvatarPipeline: the loaded components plus the two entry points, `session()` (streaming) and `generate()` (offline).
+
+    pipe = AvatarPipeline.from_preset("tiny", device="cpu", dtype=torch.float32, seed=0)   # random weights
+    pipe = AvatarPipeline.from_pretrained("/path/to/weights", device="cuda")              # released weights
+    sess = pipe.session(image, stream=StreamConfig.preset("official"), text="", seed=0)
+    video = pipe.generate(image, audio, stream=..., audio_mode="clip" | "stream", seed=0)
+
+Components: `dit` (AvatarDiT), `vae` (encoder of the reference image and default decoder), `decoder` (the VAE or
+the TAEHV tiny decoder, per ModelConfig.decoder), `audio_encoder` (wav2vec2 features), `text_encoder` (umT5, or
+None when a preset's encoder is too large to build with random weights: the text context is then zeros).
+`random_components` names the parts that carry random weights (their output is noise, not a face).
+
+Not here: the loop itself (session.py), file formats (weights.py), media I/O (media.py).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .audio import StreamingAudioFeatures, Wav2Vec2Features
+from .config import ModelConfig, StreamConfig
+from .dit import AvatarDiT, init_random_
+from .media import load_audio
+from .session import StreamSession
+from .text import TextEncoder, load_text_embedding
+from .tiny_decoder import TAEHV
+from .vae import WanVAE
+
+# A random text encoder larger than this is not built (umT5-XXL would take ~23 GB); the context is zeros instead.
+MAX_RANDOM_TEXT_PARAMS = 200_000_000
+
+
+def _build(cls, cfg: ModelConfig, device, dtype, seed: int | None) -> nn.Module:
+    """Build on the meta device, then materialise on `device` (random init unless seed is None)."""
+    with torch.device("meta"):
+        module = cls(cfg)
+    if str(device) == "meta":
+        return module.to(dtype=dtype)
+    module = module.to_empty(device=device).to(dtype=dtype)
+    for sub in module.modules():          # buffers hold no data after to_empty: let modules refill them
+        if hasattr(sub, "reset_buffers"):
+            sub.reset_buffers()
+    if seed is not None:
+        init_random_(module, seed)
+    return module.eval().requires_grad_(False)
+
+
+class AvatarPipeline:
+    def __init__(self, config: ModelConfig, *, dit: AvatarDiT, vae: nn.Module, decoder: nn.Module | None = None,
+                 audio_encoder=None, text_encoder: TextEncoder | None = None, device="cpu",
+                 dtype=torch.float32, random_components: tuple[str, ...] = ()):
+        self.config, self.dit, self.vae = config, dit, vae
+        self.decoder = decoder if decoder is not None else vae
+        self.audio_encoder, self.text_encoder = audio_encoder, text_encoder
+        self.device, self.dtype = torch.device(device), dtype
+        self.vae_dtype = dtype
+        self.random_components = tuple(random_components)
+        self._text_cache: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, name: str = "tiny", *, device="cpu", dtype=torch.float32, seed: int = 0,
+                    **overrides) -> "AvatarPipeline":
+        """All components with deterministic random weights (`device="meta"`: shapes only, no memory).
+        `overrides` change ModelConfig fields of the preset, e.g. `decoder="taehv"`."""
+        cfg = ModelConfig.preset(name, **overrides)
+        meta = str(device) == "meta"
+        dit = _build(AvatarDiT, cfg, device, dtype, seed)
+        vae = _build(WanVAE, cfg, device, dtype, seed + 1)
+        decoder = _build(TAEHV, cfg, device, dtype, seed + 2) if cfg.decoder == "taehv" else None
+        audio = text = None
+        if not meta:
+            audio = Wav2Vec2Features.random(cfg, seed + 3).to(device)
+            if _t5_params(cfg) <= MAX_RANDOM_TEXT_PARAMS:
+                text = TextEncoder.random(cfg, seed + 4).to(device)
+        parts = ("dit", "vae", "audio", "text") + (("decoder",) if decoder is not None else ())
+        return cls(cfg, dit=dit, vae=vae, decoder=decoder, audio_encoder=audio, text_encoder=text, device=device,
+                   dtype=dtype, random_components=parts)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, *, dit=None, vae=None, wav2vec=None, text=None,
+                        tokenizer=None, taehv=None, preset: str = "wan-1.3b", lora: str = "merge",
+                        lora_alpha: float = 64.0, use_ema: bool = False, device="cuda",
+                        dtype=torch.bfloat16, seed: int = 0) -> "AvatarPipeline":
+        """Load released weights. `path`: a directory in the official download layout (see weights.py and the
+        README); keywords point at single files and override it. A component not found is built with random
+        weights and a warning names it."""
+        from .weights import load_dit, load_vae, resolve_layout
+        cfg = ModelConfig.preset(preset)
+        found = resolve_layout(path) if path is not None else {}
+        paths = {"dit": dit or found.get("dit"), "vae": vae or found.get("vae"),
+                 "wav2vec": wav2vec or found.get("wav2vec"), "text": text or found.get("text"),
+                 "tokenizer": tokenizer or found.get("tokenizer"), "taehv": taehv or found.get("taehv")}
+        random_parts = []
+        model = _build(AvatarDiT, cfg, "meta", dtype, None)
+        if paths["dit"]:
+            load_dit(model, paths["dit"], lora=lora, lora_alpha=lora_alpha, use_ema=use_ema)
+            model = model.to(device).eval().requires_grad_(False)
+        else:
+            model, _ = _build(AvatarDiT, cfg, device, dtype, seed), random_parts.append("dit")
+        codec = _build(WanVAE, cfg, device, dtype, None if paths["vae"] else seed + 1)
+        if paths["vae"]:
+            load_vae(codec, paths["vae"])
+            codec = codec.to(device=device, dtype=dtype)
+        else:
+            random_parts.append("vae")
+        decoder = None
+        if cfg.decoder == "taehv":
+            decoder = _build(TAEHV, cfg, device, dtype, None if paths["taehv"] else seed + 2)
+            if paths["taehv"]:
+                load_vae(decoder, paths["taehv"])
+                decoder = decoder.to(device=device, dtype=dtype)
+            else:
+                random_parts.append("decoder")
+        if paths["wav2vec"]:
+            audio = Wav2Vec2Features.from_pretrained(paths["wav2vec"]).to(device)
+        else:
+            audio = Wav2Vec2Features.random(cfg, seed + 3).to(device)
+            random_parts.append("audio")
+        text_encoder = None
+        if paths["text"] and str(paths["text"]).endswith(".safetensors"):
+            text_encoder = _EmbeddingText(load_text_embedding(paths["text"], cfg))
+        elif paths["text"]:
+            if not paths["tokenizer"]:
+                raise FileNotFoundError("the umT5 weights need their tokenizer directory (google/umt5-xxl); "
+                                        "pass tokenizer=... or use the official layout")
+            text_encoder = TextEncoder.from_wan(paths["text"], paths["tokenizer"], dtype=dtype).to(device)
+        else:
+            random_parts.append("text")
+        if random_parts:
+            warnings.warn(f"no weights found for {', '.join(random_parts)}: using random weights for them "
+                          "(their output is noise); see the README section 'Real weights'", stacklevel=2)
+        return cls(cfg, dit=model, vae=codec, decoder=decoder, audio_encoder=audio, text_encoder=text_encoder,
+                   device=device, dtype=dtype, random_components=tuple(random_parts))
+
+    # ------------------------------------------------------------------ component helpers
+    def encode_text(self, text) -> Tensor:
+        """Text context [text_len, text_dim]: a string (through the text encoder, cached per string), a tensor,
+        or a path to an embedding file written by `runtime.text.save_text_embedding`."""
+        cfg = self.config
+        if isinstance(text, Tensor):
+            emb = text
+        elif isinstance(text, Path) or (isinstance(text, str) and text.endswith(".safetensors")):
+            emb = load_text_embedding(text, cfg)
+        elif isinstance(text, str):
+            if text not in self._text_cache:
+                self._text_cache[text] = (self.text_encoder.encode(text) if self.text_encoder is not None
+                                          else torch.zeros(cfg.text_len, cfg.text_dim))
+            emb = self._text_cache[text]
+        else:
+            raise TypeError(f"text must be a string, a tensor [text_len, text_dim] or an embedding file path, "
+                            f"got {type(text).__name__}")
+        if tuple(emb.shape) != (cfg.text_len, cfg.text_dim):
+            raise ValueError(f"text context must be [{cfg.text_len}, {cfg.text_dim}], got {tuple(emb.shape)}")
+        return emb.to(device=self.device, dtype=self.dtype)
+
+    def streaming_audio(self, stream: StreamConfig) -> StreamingAudioFeatures:
+        """A fresh incremental audio feature extractor with the stream's left context."""
+        context = round(stream.audio_left_context_s * self.config.fps)
+        return StreamingAudioFeatures(self.audio_encoder, left_context_frames=context)
+
+    # ------------------------------------------------------------------ entry points
+    def session(self, image, stream: StreamConfig | str | None = None, text="", seed: int = 0,
+                fit: str = "error") -> StreamSession:
+        """A streaming session for one reference image (see session.py)."""
+        return StreamSession(self, image, stream=_stream(stream), text=text, seed=seed, fit=fit)
+
+    def generate(self, image, audio, stream: StreamConfig | str | None = None, audio_mode: str = "clip",
+                 seed: int = 0, text="", fit: str = "error", num_latent_frames: int | None = None,
+                 sample_rate: int | None = None, progress: bool = False) -> Tensor:
+        """Offline: every frame for the whole audio, uint8 [T, H, W, 3].
+
+        `audio_mode="clip"` extracts features from the whole clip and draws noise in the official order: with
+        `num_latent_frames` N given (and audio at least (4N + 80) / 25 s long) this is the official computation
+        end to end, 1 + 4(N - 1) frames. Without it N covers the audio and 1 + A frames are returned (A = audio
+        frames). `audio_mode="stream"` is exactly a session fed the whole audio at once.
+        """
+        stream = _stream(stream)
+        pcm = load_audio(audio, sample_rate=sample_rate)
+        if audio_mode == "stream":
+            sess = self.session(image, stream=stream, text=text, seed=seed, fit=fit)
+            return torch.cat([sess.push_audio(pcm), sess.flush()])
+        if audio_mode != "clip":
+            raise ValueError(f"audio_mode={audio_mode!r}: expected 'clip' or 'stream'")
+        cfg = self.config
+        audio_frames = math.ceil(len(pcm) / cfg.samples_per_frame)
+        limit = None
+        if num_latent_frames is None:
+            per_block = stream.block_frames * cfg.audio_frames_per_latent
+            num_latent_frames = 1 + stream.block_frames * math.ceil(audio_frames / per_block)
+            limit = 1 + audio_frames
+        teacher_len = cfg.audio_frames_per_latent * num_latent_frames + 80   # the official extraction length
+        if limit is None and len(pcm) < teacher_len * cfg.samples_per_frame:
+            raise ValueError(f"audio is too short for num_latent_frames={num_latent_frames}: the official extraction "
+                             f"needs at least {teacher_len / cfg.fps:.2f} s ({teacher_len} frames), got "
+                             f"{len(pcm) / cfg.sample_rate:.2f} s; omit num_latent_frames to cover the audio given")
+        feats = self.audio_encoder.clip(pcm, teacher_len)[1:]                 # drop the zero row
+        sess = StreamSession(self, image, stream=stream, text=text, seed=seed, fit=fit, features=feats,
+                             num_latent_frames=num_latent_frames, noise="official", frame_limit=limit)
+        return sess.flush()
+
+
+class _EmbeddingText:
+    """Stands in for the text encoder when the user ships a precomputed context."""
+
+    def __init__(self, emb: Tensor):
+        self.emb = emb
+
+    def encode(self, text: str) -> Tensor:
+        return self.emb
+
+
+def _stream(stream) -> StreamConfig:
+    if stream is None:
+        return StreamConfig.preset("official")
+    if isinstance(stream, str):
+        return StreamConfig.preset(stream)
+    if not isinstance(stream, StreamConfig):
+        raise TypeError(f"stream must be a StreamConfig or a preset name, got {type(stream).__name__}")
+    return stream
+
+
+def _t5_params(cfg: ModelConfig) -> int:
+    d = cfg.text_dim
+    per_layer = 4 * d * cfg.t5_heads * cfg.t5_d_kv + 3 * d * cfg.t5_ffn
+    return cfg.t5_layers * per_layer + cfg.t5_vocab * d

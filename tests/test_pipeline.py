@@ -1,0 +1,76 @@
+"""AvatarPipeline construction, text context, stats, and the CLI demo end to end."""
+import numpy as np
+import pytest
+import torch
+
+from runtime import AvatarPipeline
+from runtime import generate as cli
+from runtime.media import probe, read_video
+
+
+def test_wan_1_3b_on_the_meta_device_allocates_nothing():
+    pipe = AvatarPipeline.from_preset("wan-1.3b", device="meta", dtype=torch.bfloat16)
+    assert sum(p.numel() for p in pipe.dit.parameters()) == 1_421_187_232
+    assert len(pipe.dit.state_dict()) == 857
+    enc = sum(p.numel() for n, p in pipe.vae.named_parameters() if n.startswith(("encoder.", "conv1.")))
+    dec = sum(p.numel() for n, p in pipe.vae.named_parameters() if n.startswith(("decoder.", "conv2.")))
+    assert (enc, dec) == (53_595_872 + 1_056, 73_295_331 + 272)
+    assert all(p.is_meta for p in pipe.dit.parameters()) and all(p.is_meta for p in pipe.vae.parameters())
+    assert pipe.dit.dtype == torch.bfloat16
+
+
+def test_random_presets_are_deterministic_and_say_so():
+    a, b = AvatarPipeline.from_preset("tiny", seed=3), AvatarPipeline.from_preset("tiny", seed=3)
+    c = AvatarPipeline.from_preset("tiny", seed=4)
+    for (name, pa), pb, pc in zip(a.dit.state_dict().items(), b.dit.state_dict().values(), c.dit.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.dit.blocks[0].self_attn.q.weight, c.dit.blocks[0].self_attn.q.weight)
+    assert set(a.random_components) >= {"dit", "vae", "audio", "text"}
+    assert a.config.decoder == "vae" and a.decoder is a.vae
+    assert AvatarPipeline.from_preset("tiny", decoder="taehv").decoder is not None
+
+
+def test_text_context_forms(tmp_path):
+    from runtime.text import save_text_embedding
+    pipe = AvatarPipeline.from_preset("tiny")
+    cfg = pipe.config
+    emb = pipe.encode_text("hello there")
+    assert emb.shape == (cfg.text_len, cfg.text_dim)
+    assert torch.equal(pipe.encode_text("hello there"), emb)              # cached per string
+    assert not torch.equal(pipe.encode_text("another prompt"), emb)
+    path = tmp_path / "ctx.safetensors"
+    save_text_embedding(path, emb)
+    assert torch.equal(pipe.encode_text(str(path)), emb)
+    assert torch.equal(pipe.encode_text(emb), emb)
+    with pytest.raises(ValueError, match="text context must be"):
+        pipe.encode_text(torch.zeros(3, cfg.text_dim))
+    with pytest.raises(TypeError, match="text must be"):
+        pipe.encode_text(42)
+
+
+def test_stats_report_the_stream():
+    pipe = AvatarPipeline.from_preset("tiny")
+    sess = pipe.session(np.zeros((32, 48, 3), np.uint8), stream="low-delay")
+    frames = sess.push_audio(np.zeros(24 * 640 + 100, np.float32))    # 24 whole audio frames + a partial one
+    stats = sess.stats()
+    assert stats["frames_out"] == len(frames) == 1 + 24 - 12               # 12 frames of look-ahead (L - 1 = 3 blocks)
+    assert stats["audio_frames_in"] == 25 and stats["lookahead_frames"] == 12
+    assert stats["steps"] == 6 and stats["main_passes"] == 6 and stats["cache_passes"] == 3
+    assert stats["kv_bytes"] == sess.cache.nbytes > 0
+    assert {"setup", "dit_main", "dit_cache", "decode", "audio"} <= set(stats["ms"])
+
+
+def test_cli_demo_writes_a_25fps_mp4_with_audio(tmp_path, capsys):
+    out = tmp_path / "demo.mp4"
+    assert cli.main(["--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "RANDOM weights" in err and "--weights" in err
+    info = probe(out)
+    kinds = [s["type"] for s in info["streams"]]
+    assert sorted(kinds) == ["audio", "video"]
+    video = next(s for s in info["streams"] if s["type"] == "video")
+    audio = next(s for s in info["streams"] if s["type"] == "audio")
+    assert video["codec"] == "h264" and abs(video["fps"] - 25) < 1e-6
+    assert audio["codec"] == "aac"
+    frames, fps = read_video(out)
+    assert frames.shape[0] == video["frames"] == 1 + -(-110832 // 640)       # the shipped clip: 110,832 samples

@@ -1,0 +1,245 @@
+"""StreamSession against a naive implementation of the official loop, plus the streaming properties:
+translation invariance, chunking invariance, determinism, bounded look-ahead and constant memory."""
+import gc
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from runtime import AvatarPipeline, StreamConfig
+from runtime.rope import apply_rope, grid_positions, rope_cos_sin
+from runtime.scheduler import step_plan, warped_timesteps
+
+SAMPLES_PER_FRAME = 640
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return AvatarPipeline.from_preset("tiny", device="cpu", dtype=torch.float32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    return (rng.random((64, 96, 3)) * 255).astype(np.uint8)
+
+
+def speechlike(seconds, seed=0):
+    """A deterministic voiced signal with syllable-rate loudness changes and pauses."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    envelope = np.clip(np.sin(2 * np.pi * 3.1 * t) + 0.3, 0, None) * (rng.random() * 0.3 + 0.5)
+    voice = np.sin(2 * np.pi * 140 * t) + 0.5 * np.sin(2 * np.pi * 280 * t + 1) + 0.1 * rng.standard_normal(len(t))
+    return (0.3 * envelope * voice).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- naive loop
+def naive_official(pipe, sess, feats, n_blocks, seed, noise_upfront=False):
+    """The official loop written plainly: absolute RoPE frames, post-RoPE history kept in a growing list and
+    concatenated per layer, the anchor rotated from its raw K at every use. Returns {block: x0 latents}.
+    `noise_upfront`: all fresh noise drawn as one [N-1, 16, h, w] tensor first (the official script's order)."""
+    dit, cfg = pipe.dit, pipe.config
+    B, L, W, S = 4, 4, 2, cfg.tokens_per_frame
+    levels = (1000.0, 952.3810424804688, 769.2307739257812, 555.5556030273438)
+    u = torch.linspace(1.0, 0.0, 1001)[:-1]
+    sig_table = 5 * u / (1 + 4 * u)
+
+    def sigma(t):
+        return float(sig_table[torch.argmin((sig_table.double() * 1000 - t).abs())])
+
+    def rope(frames):
+        return rope_cos_sin(grid_positions(frames, cfg.grid_hw), cfg.head_dim)
+
+    gen = torch.Generator().manual_seed(seed)
+    h, w = cfg.latent_hw
+    upfront = torch.randn(n_blocks * B, 16, h, w, generator=gen) if noise_upfront else None
+    rows = torch.cat([torch.zeros(1, feats.shape[1]), feats]).unsqueeze(0)
+    z_ref, ctx = sess.z_ref, sess.context_kv
+    y = torch.cat([z_ref, torch.ones_like(z_ref[:, :1])], 1)
+    anchor, history = {}, {i: [] for i in range(cfg.num_layers)}
+    dit(z_ref, torch.cat([z_ref, torch.zeros_like(z_ref[:, :1])], 1), torch.zeros(1, 1),
+        torch.zeros(1, 4, feats.shape[1]), ctx, rope([0]), kv_sink=lambda i, k, v: anchor.__setitem__(i, (k, v)))
+
+    def prefix_at(anchor_frame, n_hist):
+        def prefix(i):
+            ks = [apply_rope(anchor[i][0], *rope([anchor_frame]))]
+            vs = [anchor[i][1]]
+            if n_hist:
+                ks.append(torch.cat([k for k, _ in history[i]], 1)[:, -n_hist * S:])
+                vs.append(torch.cat([v for _, v in history[i]], 1)[:, -n_hist * S:])
+            return torch.cat(ks, 1), torch.cat(vs, 1)
+        return prefix
+
+    noisy, out = {}, {}
+    for wi in range(n_blocks + L - 1):
+        sb, eb = max(0, wi - L + 1), min(n_blocks - 1, wi)
+        fs, fe = 1 + B * sb, 1 + B * (eb + 1)
+        if eb == wi:
+            fresh = upfront[B * eb:B * (eb + 1)] if noise_upfront else torch.randn(B, 16, h, w, generator=gen)
+            noisy[eb] = fresh.permute(1, 0, 2, 3).unsqueeze(0)
+        x = torch.cat([noisy[b] for b in range(sb, eb + 1)], 2)
+        ts = [levels[wi - b] for b in range(sb, eb + 1) for _ in range(B)]
+        n_hist = 0 if fs == 1 else W
+        flow = dit(x, y.expand(-1, -1, fe - fs, -1, -1), torch.tensor([ts]), rows[:, 4 * fs - 3:4 * fe - 3], ctx,
+                   rope(range(fs, fe)), prefix=prefix_at(fs - n_hist - 1, n_hist))
+        sig = torch.tensor([sigma(t) for t in ts], dtype=torch.float64).view(1, 1, -1, 1, 1)
+        x0 = (x.double() - sig * flow.double()).float()
+        for b in range(sb, eb + 1):
+            j = wi - b
+            if j < L - 1:
+                eps = torch.randn(fe - fs, 16, h, w, generator=gen).permute(1, 0, 2, 3).unsqueeze(0)
+                s = torch.tensor(sigma(levels[j + 1]))
+                i0 = B * (b - sb)
+                noisy[b] = (1 - s) * x0[:, :, i0:i0 + B] + s * eps[:, :, i0:i0 + B]
+        if wi >= L - 1:
+            out[sb] = x0[:, :, :B]
+            if wi < n_blocks + L - 2:
+                def store(i, k, v, frames=range(fs, fs + B)):
+                    history[i].append((apply_rope(k, *rope(frames)), v))
+                dit(x0[:, :, :B], y.expand(-1, -1, B, -1, -1), torch.zeros(1, B),
+                    rows[:, 4 * fs - 3:4 * (fs + B) - 3], ctx, rope(range(fs, fs + B)),
+                    prefix=prefix_at(0, n_hist), kv_sink=store)
+    return out
+
+
+def test_session_equals_naive_official_loop(pipe, image):
+    n_blocks = 6
+    feats = torch.randn(n_blocks * 16, pipe.config.audio_input_dim, generator=torch.Generator().manual_seed(3))
+    sess = pipe.session(image, stream="official", seed=7)
+    got = {}
+    sess.on_block = lambda b, x0: got.__setitem__(b, x0.clone())
+    with torch.inference_mode():
+        frames = torch.cat([sess.push_features(feats[:37]), sess.push_features(feats[37:]), sess.flush()])
+        ref = naive_official(pipe, sess, feats, n_blocks, seed=7)
+    assert sorted(got) == sorted(ref) == list(range(n_blocks))
+    for b in ref:
+        err = (got[b] - ref[b]).abs().max().item()
+        assert err <= 1e-6, (b, err)
+    assert frames.shape == (1 + n_blocks * 16, 32, 48, 3) and frames.dtype == torch.uint8
+
+
+def test_generate_clip_is_the_official_computation(pipe, image):
+    """Whole-clip features, noise drawn up front, 17 latent frames: generate() == the naive loop + offline decode."""
+    from runtime.media import frames_to_uint8
+    pcm = speechlike(6.0)
+    video = pipe.generate(image, pcm, stream="official", audio_mode="clip", num_latent_frames=17, seed=11)
+    assert video.shape[0] == 1 + 4 * 16
+    feats = pipe.audio_encoder.clip(pcm, 4 * 17 + 80)[1:]
+    sess = pipe.session(image, stream="official", seed=11)
+    with torch.inference_mode():
+        ref = naive_official(pipe, sess, feats, 4, seed=11, noise_upfront=True)
+        latents = torch.cat([sess.z_ref] + [ref[b] for b in range(4)], dim=2)
+        ref_video = frames_to_uint8(pipe.vae.decode(latents))
+    diff = (video.int() - ref_video.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3   # uint8 truncation of equal-within-1e-6 floats
+
+
+# ---------------------------------------------------------------------------------------------- invariance
+def test_relative_step_is_translation_invariant_bitwise(pipe, image):
+    cfg = pipe.config
+    stream = StreamConfig.preset("relative")
+    sess = pipe.session(image, stream=stream, seed=0)
+    levels = warped_timesteps(stream)
+    g = torch.Generator().manual_seed(1)
+    ring_k, ring_v = torch.randn(sess.cache.ring_k.shape, generator=g), torch.randn(sess.cache.ring_v.shape, generator=g)
+    x = torch.randn(1, 16, 16, *cfg.latent_hw, generator=g)
+    audio = torch.randn(1, 64, cfg.audio_input_dim, generator=g)
+    outs = []
+    for wi in (2, 250_000):                                  # window starts at latent frames 9 and 1,000,001
+        sp = step_plan(stream, wi + 3, None, levels)
+        sess.cache.slot_frame = list(sp.passes[0].history)
+        with torch.inference_mode():                     # session buffers are inference tensors
+            sess.cache.ring_k.copy_(ring_k)
+            sess.cache.ring_v.copy_(ring_v)
+            main = sess._dit_pass(x, sp.passes[0], audio)
+            cache = sess._dit_pass(x[:, :, :4], sp.cache_pass, audio[:, :16])
+        outs.append((main, cache))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def run_chunks(pipe, image, pcm, sizes, stream="official", seed=0):
+    sess = pipe.session(image, stream=stream, seed=seed)
+    out, i = [], 0
+    for n in sizes:
+        out.append(sess.push_audio(pcm[i:i + n]))
+        i += n
+    assert i == len(pcm)
+    out.append(sess.flush())
+    return torch.cat(out)
+
+
+def test_chunking_does_not_change_frames(pipe, image):
+    pcm = speechlike(2.3)
+    whole = run_chunks(pipe, image, pcm, [len(pcm)])
+    assert whole.shape[0] == 1 + -(-len(pcm) // SAMPLES_PER_FRAME)
+    rng = np.random.default_rng(0)
+    random_sizes = []
+    while sum(random_sizes) < len(pcm):
+        random_sizes.append(int(min(rng.integers(0, 5000), len(pcm) - sum(random_sizes))))
+    for sizes in ([1] * len(pcm), [640] * (len(pcm) // 640) + [len(pcm) % 640], random_sizes):
+        assert torch.equal(run_chunks(pipe, image, pcm, sizes), whole)
+
+
+def test_seeded_runs_are_identical_and_seeds_matter(pipe, image):
+    pcm = speechlike(1.0)
+    a = run_chunks(pipe, image, pcm, [len(pcm)], seed=5)
+    assert torch.equal(a, run_chunks(pipe, image, pcm, [len(pcm)], seed=5))
+    assert not torch.equal(a[1:], run_chunks(pipe, image, pcm, [len(pcm)], seed=6)[1:])
+
+
+def test_generate_stream_equals_session(pipe, image):
+    pcm = speechlike(1.5)
+    video = pipe.generate(image, pcm, stream="low-delay", audio_mode="stream", seed=3)
+    assert torch.equal(video, run_chunks(pipe, image, pcm, [4000] * 6, stream="low-delay", seed=3))
+
+
+def test_frames_never_depend_on_audio_beyond_the_lookahead(pipe, image):
+    stream = StreamConfig.preset("low-delay")
+    look = stream.lookahead_video_frames()
+    pcm = speechlike(3.0)
+    changed = pcm.copy()
+    cut = 40 * SAMPLES_PER_FRAME
+    changed[cut:] = speechlike(3.0, seed=9)[cut:]
+    sess = pipe.session(image, stream=stream, seed=0)
+    early = sess.push_audio(pcm[:cut])
+    assert len(early) == 1 + 40 - look                      # frames 0 .. 40 - look: their look-ahead is in
+    later = run_chunks(pipe, image, changed, [len(changed)], stream=stream)
+    assert torch.equal(later[:len(early)], early)
+    assert not torch.equal(later[len(early):], run_chunks(pipe, image, pcm, [len(pcm)], stream=stream)[len(early):])
+
+
+def tensor_bytes():
+    """Bytes of every live tensor storage in the process (a CPU stand-in for torch.cuda.memory_allocated)."""
+    gc.collect()
+    seen, total = set(), 0
+    with warnings.catch_warnings():      # isinstance on some lazy module objects warns about deprecations
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in tensors:
+        if not obj.is_meta:
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def test_memory_and_cache_shapes_constant_over_2000_steps(image):
+    # the TAEHV decoder keeps 2,000 steps fast on a CPU; the Wan VAE's fixed-shape cache is tested in test_vae.py
+    pipe = AvatarPipeline.from_preset("tiny", decoder="taehv")
+    stream = StreamConfig.preset("low-delay")
+    sess = pipe.session(image, stream=stream, seed=0)
+    width = pipe.config.audio_input_dim
+    feats = torch.randn(4 * 50, width, generator=torch.Generator().manual_seed(0))
+    shapes = [t.shape for t in (sess.cache.anchor_k, sess.cache.ring_k, sess.cache.ring_v)]
+    marks = {}
+    with torch.inference_mode():
+        for step in range(2000 // 50):
+            frames = sess.push_features(feats)
+            del frames
+            if step in (4, 39):
+                marks[step] = (tensor_bytes(), sess.next_window)
+    assert sess.counts["steps"] >= 1990
+    assert [t.shape for t in (sess.cache.anchor_k, sess.cache.ring_k, sess.cache.ring_v)] == shapes
+    assert marks[39][0] == marks[4][0], marks
