@@ -26,5 +26,11 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
+# on a CUDA machine: every gpu test + GPU benchmarks -> bench/results/<date>-<gpu>.{json,md}.
+# Uses the machine's own python3 and CUDA torch (GPU images ship them; no venv, no downloads).
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check
+
 clean:
 	rm -rf $(VENV) build *.egg-info demo.mp4

@@ -139,8 +139,9 @@ class Wav2Vec2Features:
         values = self.extractor(pcm, sampling_rate=SAMPLE_RATE).input_values
         return np.asarray(values[0], dtype=np.float32).reshape(-1)
 
-    def encode(self, normalized: np.ndarray, num_frames: int) -> Tensor:
-        """Normalised samples [num_frames * 640] -> feature rows [num_frames, width] (no zero row), CPU float32."""
+    def encode(self, normalized: np.ndarray, num_frames: int, keep_device: bool = False) -> Tensor:
+        """Normalised samples [num_frames * 640] -> feature rows [num_frames, width] (no zero row), float32 on the
+        CPU, or left on the encoder's device with `keep_device` (no device-to-host copy: the GPU engine uses it)."""
         if normalized.shape != (num_frames * SAMPLES_PER_FRAME,):
             raise ValueError(f"encode needs exactly {num_frames} x {SAMPLES_PER_FRAME} samples, "
                              f"got shape {normalized.shape}")
@@ -163,7 +164,7 @@ class Wav2Vec2Features:
             raise RuntimeError(f"wav2vec2 returned {got} hidden states, expected {expected}: "
                                "unsupported transformers version")
         rows = torch.cat([out.last_hidden_state, *out.hidden_states], dim=-1)[0]             # [F, width]
-        return rows.float().cpu()
+        return rows.float() if keep_device else rows.float().cpu()
 
     def clip(self, pcm, num_frames: int) -> Tensor:
         """Official whole-clip features [num_frames + 1, width], CPU float32; row 0 is zeros, row r >= 1 is audio
@@ -198,6 +199,7 @@ class StreamingAudioFeatures:
             raise ValueError(f"left_context_frames must be an int >= 0, got {left_context_frames!r}")
         self.encoder = encoder
         self.left_context_frames = int(left_context_frames)
+        self.keep_device = False        # True: rows stay on the encoder's device (set by the GPU engine)
         self._buf = np.zeros(MIN_BUFFER, np.float32)   # grows by doubling; shrinks on release
         self._len = 0              # valid samples in _buf
         self._offset = 0           # absolute sample index of _buf[0]
@@ -262,7 +264,7 @@ class StreamingAudioFeatures:
         first = max(0, start - self.left_context_frames)
         lo, hi = first * SAMPLES_PER_FRAME - self._offset, stop * SAMPLES_PER_FRAME - self._offset
         segment = self._buf[lo:hi].copy()                              # [(stop - first) * 640]
-        rows = self.encoder.encode(self.encoder.normalize(segment), stop - first)
+        rows = self.encoder.encode(self.encoder.normalize(segment), stop - first, self.keep_device)
         return rows[start - first:]
 
     def release(self, before_frame: int) -> None:

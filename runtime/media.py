@@ -24,11 +24,22 @@ from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
-import soxr
 import torch
 from PIL import Image
+
+try:                       # file decoding/encoding and resampling; the GPU benchmark images may lack them
+    import av
+    import soxr
+except ImportError as _missing:   # arrays at 16 kHz and uint8 frames still work without them
+    av = soxr = None
+    _MEDIA_IMPORT_ERROR = _missing
+
+
+def _require_media() -> None:
+    if av is None or soxr is None:
+        raise ImportError(f"media files and resampling need PyAV and soxr ({_MEDIA_IMPORT_ERROR}): "
+                          "pip install av soxr")
 
 SAMPLE_RATE = 16000           # the model's audio rate (wav2vec2 input)
 FPS = 25                      # the model's video rate
@@ -212,6 +223,7 @@ def _check_peak(pcm: np.ndarray) -> None:
 
 def read_audio_track(path) -> tuple[np.ndarray, int]:
     """Decode a file's first audio stream at its own rate -> (float32 mono PCM, sample rate)."""
+    _require_media()
     with _first_stream(path, "audio") as (container, stream):
         chunks = [_frame_to_mono(f) for f in _decode_tolerating_tail(container, stream)]
         rate = stream.rate
@@ -253,6 +265,7 @@ def _frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
 
 
 def _resample(pcm: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    _require_media()
     if rate == target:
         return pcm
     return soxr.resample(pcm, rate, target).astype(np.float32, copy=False)
@@ -292,6 +305,7 @@ class Mp4Writer:
     """
 
     def __init__(self, path, fps: int = FPS, audio=None, crf: int = 18, preset: str = "medium", scale: int = 1):
+        _require_media()
         if not isinstance(scale, int) or scale < 1:
             raise ValueError(f"scale must be a positive int, got {scale!r}")
         self.path, self.fps, self.crf, self.preset, self.scale = Path(path), fps, crf, preset, scale
@@ -422,6 +436,7 @@ class Mp4Writer:
 def probe(path) -> dict:
     """Container facts via PyAV: {"duration": s, "streams": [{"type", "codec", ...}]} (video: fps, frames,
     width, height, pix_fmt, duration; audio: sample_rate, channels, frames, duration)."""
+    _require_media()
     path = _existing_file(path, "media")
     try:
         with av.open(str(path)) as container:
@@ -444,6 +459,7 @@ def _stream_info(stream) -> dict:
 
 def read_video(path) -> tuple[np.ndarray, float]:
     """Decode a file's first video stream -> (uint8 [T, H, W, 3] RGB, fps)."""
+    _require_media()
     with _first_stream(path, "video") as (container, stream):
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
         fps = float(stream.average_rate)

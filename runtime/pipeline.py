@@ -165,9 +165,11 @@ class AvatarPipeline:
 
     # ------------------------------------------------------------------ entry points
     def session(self, image, stream: StreamConfig | str | None = None, text="", seed: int = 0,
-                fit: str = "error") -> StreamSession:
-        """A streaming session for one reference image (see session.py)."""
-        return StreamSession(self, image, stream=_stream(stream), text=text, seed=seed, fit=fit)
+                fit: str = "error", engine: bool | None = None, compile: bool = False) -> StreamSession:
+        """A streaming session for one reference image (see session.py). `engine`: run steady-state steps
+        through the static-shape engine (default: on CUDA); `compile`: torch.compile the engine's step."""
+        return StreamSession(self, image, stream=_stream(stream), text=text, seed=seed, fit=fit, engine=engine,
+                             compile=compile)
 
     def generate(self, image, audio, stream: StreamConfig | str | None = None, audio_mode: str = "clip",
                  seed: int = 0, text="", fit: str = "error", num_latent_frames: int | None = None,

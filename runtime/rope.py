@@ -104,11 +104,13 @@ def axis_tables(frames, grid_hw: tuple[int, int], head_dim: int, device=None) ->
 
 class Rope:
     """The positions of one call's tokens (latent frames on the token grid) with both table forms, built once:
-    `full` = (cos, sin) [S, D/2] for `apply_rope`, `axes` = per-axis tables for the Triton kernels."""
+    `full` = (cos, sin) [S, D/2] for `apply_rope`, `axes` = per-axis tables for the Triton kernels.
+    Tables that already exist (e.g. computed on the device inside a CUDA graph) can be passed in directly."""
 
-    def __init__(self, frames, grid_hw: tuple[int, int], head_dim: int, device=None):
-        self.frames, self.grid_hw, self.head_dim, self.device = tuple(frames), grid_hw, head_dim, device
-        self._full = self._axes = None
+    def __init__(self, frames=None, grid_hw=None, head_dim=None, device=None, *, full=None, axes=None):
+        self.frames = tuple(frames) if frames is not None else None
+        self.grid_hw, self.head_dim, self.device = grid_hw, head_dim, device
+        self._full, self._axes = full, axes
 
     @property
     def full(self) -> tuple[Tensor, Tensor]:

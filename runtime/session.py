@@ -36,6 +36,9 @@ from .media import frames_to_uint8, prepare_image, validate_pcm
 from .rope import Rope
 from .scheduler import StepPlan, build_plan, sigma_for, step_plan, warped_timesteps
 
+# Frames in flight to pinned host memory before the session waits for the oldest (engine.py allocates as many).
+PINNED_SLOTS = 8
+
 
 class FeatureTable:
     """Feature rows given up front (clip mode) or pushed by the caller; row r >= 1 is audio frame r - 1."""
@@ -93,7 +96,7 @@ class StreamingFeatures:
 class StreamSession:
     def __init__(self, pipe, image, *, stream: StreamConfig, text="", seed: int = 0, fit: str = "error",
                  features: Tensor | None = None, num_latent_frames: int | None = None, noise: str = "stream",
-                 frame_limit: int | None = None):
+                 frame_limit: int | None = None, engine: bool | None = None, compile: bool = False):
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         if noise not in ("stream", "official"):
@@ -110,6 +113,10 @@ class StreamSession:
         self.levels_t = warped_timesteps(stream)
         self._features_given = features
         self.on_block = None        # optional hook(block index, x0 latents [1, 16, B, h, w]) for parity tools
+        # Steady-state steps go through the static-shape engine (engine.py): by default on CUDA only.
+        self.use_engine = (pipe.device.type == "cuda") if engine is None else bool(engine)
+        self.compile_engine = compile
+        self.engine = None
         self.timings: dict[str, float] = defaultdict(float)
         with torch.inference_mode(), self._timed("setup"):
             self._encode_reference(image, fit)
@@ -126,10 +133,18 @@ class StreamSession:
     # ------------------------------------------------------------------ public API
     def reset(self) -> None:
         """Start a new stream from the same reference, text and seed (the style anchor is kept)."""
+        with torch.inference_mode():           # the session's buffers are inference tensors
+            self._reset()
+
+    def _reset(self) -> None:
         self.cache.reset()
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
-        self.decode_cache = self.pipe.decoder.init_decode_cache(1, self.dtype, self.device,
-                                                                self.cfg.height, self.cfg.width)
+        if getattr(self, "decode_cache", None) is None:
+            self.decode_cache = self.pipe.decoder.init_decode_cache(1, self.pipe.vae_dtype, self.device,
+                                                                    self.cfg.height, self.cfg.width)
+        else:
+            self.decode_cache.reset()          # same buffers: captured CUDA graphs stay valid
+        self._engine_live = False              # whether the engine's window buffer holds the noisy blocks
         self.source = None                # created by the first push_audio / push_features
         self.audio_frames_in = self.samples_in = 0
         if self._features_given is not None:
@@ -218,7 +233,7 @@ class StreamSession:
 
     def _advance(self) -> Tensor:
         """Run every window whose audio is available; return the frames they finalise (plus pending ones)."""
-        out, self._pending = self._pending, []
+        items, self._pending = list(self._pending), []
         n_blocks = self._known_blocks()
         last_window = None if n_blocks is None else n_blocks + self.stream.window_blocks - 2
         while last_window is None or self.next_window <= last_window:
@@ -228,8 +243,11 @@ class StreamSession:
             with torch.inference_mode():
                 block = self._run_step(sp)
                 if block is not None:
-                    out.append(self._decode(block))
+                    items.append(self.engine.decode(block) if self._engine_live else self._decode(block))
+                    if sum(not isinstance(i, Tensor) for i in items) >= PINNED_SLOTS - 1:
+                        items = [i if isinstance(i, Tensor) else i.wait() for i in items]
             self.next_window += 1
+        out = [i if isinstance(i, Tensor) else i.wait() for i in items]     # waits for in-flight GPU frames
         frames = torch.cat(out) if out else torch.empty(0, self.cfg.height, self.cfg.width, 3, dtype=torch.uint8)
         self.frames_out += len(frames)
         return frames
@@ -239,6 +257,11 @@ class StreamSession:
         self.counts["steps"] += 1
         if self.stream.anchor_audio == "first" and not self._anchor_done:
             self._anchor_pass(self._audio(1, 1 + self.cfg.audio_frames_per_latent))
+        if self.use_engine and self._engine().handles(sp):
+            return self._run_engine_step(sp)
+        if self._engine_live:                 # back to the reference path (the tail): take the blocks back
+            self.engine.store_window(self.noisy, [b for b in sp.blocks if b != sp.fresh_block])
+            self._engine_live = False
         if sp.fresh_block is not None:
             self.noisy[sp.fresh_block] = self._fresh_block(sp.fresh_block)
         start, stop = sp.passes[0].audio_rows
@@ -270,6 +293,30 @@ class StreamSession:
                 self._dit_pass(block, cp, rows, sink=self.cache.write_history)
             self.cache.end_history_write()
             self.counts["cache"] += 1
+        self.source.release(self._first_needed_audio_frame(sp))
+        return block
+
+    def _engine(self):
+        if self.engine is None:
+            from .engine import Engine
+            self.engine = Engine(self, compile=self.compile_engine)
+        return self.engine
+
+    def _run_engine_step(self, sp: StepPlan) -> Tensor:
+        """A steady-state step through the static-shape engine (same math as the lines below)."""
+        if not self._engine_live:
+            self.engine.load_window(self.noisy, sp.blocks)
+            self.noisy.clear()
+            self._engine_live = True
+        start, stop = sp.passes[0].audio_rows
+        with self._timed("audio"):
+            audio = self._audio(start, stop)
+        with self._timed("engine_step"):
+            block = self.engine.run(sp, audio)
+        self.counts["main"] += len(sp.passes)
+        self.counts["cache"] += 1
+        if self.on_block is not None:
+            self.on_block(sp.emit, block)
         self.source.release(self._first_needed_audio_frame(sp))
         return block
 
