@@ -310,7 +310,7 @@ class StreamSession:
             self._engine_live = True
         start, stop = sp.passes[0].audio_rows
         with self._timed("audio"):
-            audio = self._audio(start, stop)
+            audio = self._engine_audio(start, stop)
         with self._timed("engine_step"):
             block = self.engine.run(sp, audio)
         self.counts["main"] += len(sp.passes)
@@ -319,6 +319,19 @@ class StreamSession:
             self.on_block(sp.emit, block)
         self.source.release(self._first_needed_audio_frame(sp))
         return block
+
+    def _engine_audio(self, start: int, stop: int) -> Tensor:
+        """The window's feature rows; on CUDA computed on the engine's audio stream (features stay on the device)."""
+        engine = self.engine
+        if not engine.cuda:
+            return self._audio(start, stop)
+        if isinstance(self.source, StreamingFeatures):
+            self.source.audio.keep_device = True
+        with torch.cuda.stream(engine.audio_stream):
+            audio = self._audio(start, stop)
+        engine.dit_stream.wait_stream(engine.audio_stream)
+        audio.record_stream(engine.dit_stream)     # allocated on the audio stream, read on the DiT stream
+        return audio
 
     def _first_needed_audio_frame(self, sp: StepPlan) -> int:
         """Audio frames before this one are never needed again (the next window starts later)."""
