@@ -295,3 +295,88 @@ class StreamingAudioFeatures:
 
 def _is_index(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------------- log-mel (toy)
+class LogMelFeatures:
+    """Causal log-mel features for the toy-talker: 4 hops of 10 ms per 40 ms audio frame, `logmel_bins` mel bands
+    each, so a frame has 4 x bins values (128 at 32 bins), normalised with fixed per-band training statistics.
+
+    Hop k of audio frame j is a 25 ms Hann window ending at sample 640 j + 160 (k + 1): frame j reads samples up
+    to the end of its own 40 ms and 240 samples of the previous frame (zeros before the stream). So features
+    never look ahead, and a segment with one frame of left context reproduces the whole-clip rows exactly:
+    streaming equals clip mode bit for bit. Power spectrum through torch.fft, HTK mel triangles over 60-7,600 Hz
+    (torchaudio's wheels do not match recent torch builds, and the filterbank is a few lines).
+
+    Same interface as Wav2Vec2Features (`clip`, `normalize`, `encode`, `width`), so StreamingAudioFeatures and the
+    session drive it unchanged.
+    """
+
+    WINDOW, HOP, F_MIN, F_MAX, EPS = 400, 160, 60.0, 7600.0, 1e-6
+
+    def __init__(self, bins: int = 32, mean=None, std=None):
+        self.bins = bins
+        self.hops = SAMPLES_PER_FRAME // self.HOP                                    # 4 per audio frame
+        self.window = torch.hann_window(self.WINDOW, periodic=True, dtype=torch.float64)
+        self.filters = _mel_filters(bins, self.WINDOW, SAMPLE_RATE, self.F_MIN, self.F_MAX)   # [bins, 201]
+        self.mean = torch.zeros(bins) if mean is None or len(mean) == 0 else torch.tensor(mean, dtype=torch.float32)
+        self.std = torch.ones(bins) if std is None or len(std) == 0 else torch.tensor(std, dtype=torch.float32)
+        self._device = torch.device("cpu")
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "LogMelFeatures":
+        return cls(cfg.logmel_bins, cfg.logmel_mean, cfg.logmel_std)
+
+    def to(self, device) -> "LogMelFeatures":
+        self._device = torch.device(device)          # computed on the CPU (it is tiny); rows moved on request
+        return self
+
+    @property
+    def width(self) -> int:
+        return self.hops * self.bins
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def normalize(self, pcm: np.ndarray) -> np.ndarray:
+        """No whole-signal normalisation (that would not be causal): the samples as float32."""
+        return np.asarray(pcm, dtype=np.float32)
+
+    def log_mel(self, samples: np.ndarray, num_frames: int) -> Tensor:
+        """Unnormalised log-mel [num_frames, hops, bins] of frames starting at samples[0] (zeros before)."""
+        x = torch.from_numpy(np.ascontiguousarray(samples)).double()
+        x = F.pad(x, (self.WINDOW - self.HOP, 0))                      # hop m ends at sample 160 (m + 1)
+        windows = x.unfold(0, self.WINDOW, self.HOP)[:num_frames * self.hops]      # [4F, 400]
+        power = torch.fft.rfft(windows * self.window).abs().pow(2)                 # [4F, 201]
+        mel = (power @ self.filters.T).float()                                       # [4F, bins]
+        return torch.log(mel + self.EPS).view(num_frames, self.hops, self.bins)
+
+    def encode(self, samples: np.ndarray, num_frames: int, keep_device: bool = False) -> Tensor:
+        """Samples [num_frames * 640] -> normalised rows [num_frames, hops * bins] (no zero row)."""
+        if samples.shape != (num_frames * SAMPLES_PER_FRAME,):
+            raise ValueError(f"encode needs exactly {num_frames} x {SAMPLES_PER_FRAME} samples, got {samples.shape}")
+        rows = ((self.log_mel(samples, num_frames) - self.mean) / self.std).flatten(1)
+        return rows.to(self._device) if keep_device else rows
+
+    def clip(self, pcm, num_frames: int) -> Tensor:
+        """Whole-clip rows [num_frames + 1, width]; row 0 is zeros, row r >= 1 is audio frame r - 1."""
+        pcm = validate_pcm(pcm)
+        if not _is_index(num_frames) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+        needed = int(num_frames) * SAMPLES_PER_FRAME
+        x = np.zeros(needed, np.float32)
+        x[:min(needed, len(pcm))] = pcm[:needed]
+        rows = self.encode(x, int(num_frames))
+        return torch.cat([rows.new_zeros(1, rows.shape[1]), rows])
+
+
+def _mel_filters(bins: int, n_fft: int, rate: int, f_min: float, f_max: float) -> Tensor:
+    """HTK-style triangular mel filters [bins, n_fft // 2 + 1] (float64): mel(f) = 2595 log10(1 + f / 700)."""
+    mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)                # noqa: E731
+    hz = lambda m: 700.0 * (10 ** (m / 2595.0) - 1.0)                 # noqa: E731
+    edges = hz(np.linspace(mel(f_min), mel(f_max), bins + 2))
+    freqs = np.linspace(0, rate / 2, n_fft // 2 + 1)
+    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    tri = np.minimum((freqs - lower) / (centre - lower), (upper - freqs) / (upper - centre))
+    return torch.from_numpy(np.clip(tri, 0.0, None))

@@ -51,6 +51,8 @@ class ModelConfig:
     wav2vec_pos_groups: int = 16
     # -- log-mel features (audio_features == "logmel") --
     logmel_bins: int = 32                # mel bins per 10 ms hop; 4 hops per audio frame
+    logmel_mean: tuple[float, ...] = ()  # per-bin training statistics the log-mel is normalised with
+    logmel_std: tuple[float, ...] = ()
     # -- text encoder (umT5) shape, for a random encoder --
     t5_layers: int = 24
     t5_heads: int = 64
@@ -86,6 +88,7 @@ class ModelConfig:
         self.latent_std = tuple(self.latent_std)
         self.taehv_channels = tuple(self.taehv_channels)
         self.frame_ae_channels = tuple(self.frame_ae_channels)
+        self.logmel_mean, self.logmel_std = tuple(self.logmel_mean), tuple(self.logmel_std)
         problems = []
         if self.dim % self.num_heads:
             problems.append(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
@@ -175,6 +178,16 @@ MODEL_PRESETS: dict[str, dict] = {
         t5_layers=2, t5_heads=2, t5_d_kv=16, t5_ffn=64, t5_vocab=384,
         vae_base_dim=8, taehv_channels=(16, 16, 8, 8),
         height=32, width=48,
+    ),
+    # The small model this project trains itself (train/toy.py) and ships as the default: 64x64 cartoon faces,
+    # causal log-mel audio, a per-frame autoencoder, 64 tokens per latent frame. Its weights and measured
+    # statistics live in runtime/assets/toy/ (toy-talker.safetensors + toy-talker.json).
+    "toy-talker": dict(
+        dim=128, ffn_dim=512, num_heads=4, num_layers=6, text_len=1, text_dim=16,
+        audio_features="logmel", audio_input_dim=128, logmel_bins=32,
+        vae="frame-ae", vae_stride=(4, 4, 4), frame_ae_channels=(24, 48, 64), frame_ae_code_channels=4,
+        latent_mean=(0.0,) * 16, latent_std=(1.0,) * 16,
+        height=64, width=64,
     ),
 }
 

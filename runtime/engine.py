@@ -306,13 +306,13 @@ def _rotate(use_kernels: bool):
 
 
 def _decoder_state(cache) -> list[Tensor]:
-    """The state tensors of a decode cache (Wan VAE `tensors`, TAEHV `memories`)."""
-    return cache.tensors if hasattr(cache, "tensors") else cache.memories
+    """The state tensors of a decode cache (Wan VAE `tensors`, TAEHV `memories`, FrameAE none)."""
+    return getattr(cache, "tensors", None) or getattr(cache, "memories", None) or []
 
 
 def _decoder_forward(decoder, z: Tensor, state: list[Tensor]):
     """One steady decode step (not the stream's first latent) as a pure function of (z, state)."""
-    from .vae import WanVAE
-    if isinstance(decoder, WanVAE):
-        return decoder(z, state, first=False)
-    return decoder(z, state)
+    from .tiny_decoder import TAEHV
+    if isinstance(decoder, TAEHV):
+        return decoder(z, state)
+    return decoder(z, state, first=False)          # WanVAE, FrameAE

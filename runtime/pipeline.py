@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .audio import StreamingAudioFeatures, Wav2Vec2Features
+from .audio import LogMelFeatures, StreamingAudioFeatures, Wav2Vec2Features
 from .config import ModelConfig, StreamConfig
 from .dit import AvatarDiT, init_random_
+from .frame_ae import FrameAE
 from .media import load_audio
 from .session import StreamSession
 from .text import TextEncoder, load_text_embedding
@@ -70,11 +71,11 @@ class AvatarPipeline:
         cfg = ModelConfig.preset(name, **overrides)
         meta = str(device) == "meta"
         dit = _build(AvatarDiT, cfg, device, dtype, seed)
-        vae = _build(WanVAE, cfg, device, dtype, seed + 1)
+        vae = _build(codec_class(cfg), cfg, device, dtype, seed + 1)
         decoder = _build(TAEHV, cfg, device, dtype, seed + 2) if cfg.decoder == "taehv" else None
         audio = text = None
         if not meta:
-            audio = Wav2Vec2Features.random(cfg, seed + 3).to(device)
+            audio = random_audio_encoder(cfg, seed + 3).to(device)
             if _t5_params(cfg) <= MAX_RANDOM_TEXT_PARAMS:
                 text = TextEncoder.random(cfg, seed + 4).to(device)
         parts = ("dit", "vae", "audio", "text") + (("decoder",) if decoder is not None else ())
@@ -159,8 +160,10 @@ class AvatarPipeline:
         return emb.to(device=self.device, dtype=self.dtype)
 
     def streaming_audio(self, stream: StreamConfig) -> StreamingAudioFeatures:
-        """A fresh incremental audio feature extractor with the stream's left context."""
-        context = round(stream.audio_left_context_s * self.config.fps)
+        """A fresh incremental audio feature extractor with the stream's left context (log-mel is causal:
+        one frame of context makes it exact)."""
+        context = 1 if isinstance(self.audio_encoder, LogMelFeatures) else \
+            round(stream.audio_left_context_s * self.config.fps)
         return StreamingAudioFeatures(self.audio_encoder, left_context_frames=context)
 
     # ------------------------------------------------------------------ entry points
@@ -214,6 +217,16 @@ class _EmbeddingText:
 
     def encode(self, text: str) -> Tensor:
         return self.emb
+
+
+def codec_class(cfg: ModelConfig):
+    """The latent codec named by the config: the Wan 2.1 VAE or the toy-talker's per-frame autoencoder."""
+    return FrameAE if cfg.vae == "frame-ae" else WanVAE
+
+
+def random_audio_encoder(cfg: ModelConfig, seed: int):
+    """wav2vec2 with random weights, or the log-mel extractor (which has no weights)."""
+    return LogMelFeatures.from_config(cfg) if cfg.audio_features == "logmel" else Wav2Vec2Features.random(cfg, seed)
 
 
 def _stream(stream) -> StreamConfig:
