@@ -207,6 +207,9 @@ class StreamConfig:
     num_train_timesteps: int = 1000
     history_frames: int = 2              # clean latent frames kept as the temporal anchor
     anchor_offset: int = -1              # d: the style anchor sits at RoPE frame u + d (u = first history frame)
+    # False (ablation): no RoPE re-indexing, the anchor stays at absolute frame 0 in every pass, so its distance
+    # to the window grows with the stream.
+    reindex_anchor: bool = True
     # Where the cache pass puts the anchor: "official" = absolute frame 0 (the released code),
     # "reindexed" = u + d like the main pass (every step translation invariant).
     anchor_in_cache_pass: str = "official"

@@ -123,7 +123,7 @@ def step_plan(cfg: StreamConfig, wi: int, num_blocks: int | None, levels_t: tupl
     frames = tuple(f for b in blocks for f in block_frames(cfg, b))
     history = history_for(cfg, frames[0])
     u = history[0] if history else frames[0]
-    anchor = u + cfg.anchor_offset
+    anchor = u + cfg.anchor_offset if cfg.reindex_anchor else 0
     passes, renoise = [], []
     for n in range(N):
         ts = tuple(levels_t[j * N + n] for j in levels for _ in range(B))
@@ -137,7 +137,7 @@ def step_plan(cfg: StreamConfig, wi: int, num_blocks: int | None, levels_t: tupl
     is_last = num_blocks is not None and emit == num_blocks - 1
     if emit is not None and not is_last:
         bf = block_frames(cfg, emit)
-        cache_anchor = 0 if cfg.anchor_in_cache_pass == "official" else anchor
+        cache_anchor = 0 if cfg.anchor_in_cache_pass == "official" or not cfg.reindex_anchor else anchor
         cache = PassPlan(bf, (float(cfg.cache_pass_t),) * B, history, cache_anchor, anchor, audio_rows(bf))
     fresh = last_block if levels[-1] == 0 else None
     return StepPlan(wi, blocks, levels, fresh, tuple(passes), tuple(renoise), emit, cache)

@@ -96,7 +96,8 @@ class StreamingFeatures:
 class StreamSession:
     def __init__(self, pipe, image, *, stream: StreamConfig, text="", seed: int = 0, fit: str = "error",
                  features: Tensor | None = None, num_latent_frames: int | None = None, noise: str = "stream",
-                 frame_limit: int | None = None, engine: bool | None = None, compile: bool = False):
+                 frame_limit: int | None = None, engine: bool | None = None, compile: bool = False,
+                 inference: bool = True):
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         if noise not in ("stream", "official"):
@@ -104,6 +105,9 @@ class StreamSession:
         if noise == "official" and num_latent_frames is None:
             raise ValueError("noise='official' draws all noise up front and needs num_latent_frames")
         self.pipe, self.cfg, self.stream, self.seed = pipe, pipe.config, stream, seed
+        # inference=False (training rollouts): plain no-grad steps and ordinary tensors, so that a caller can run
+        # one more pass with autograd on over the session's caches; the default uses inference mode.
+        self._no_grad = torch.inference_mode if inference else torch.no_grad
         self.device, self.dtype = pipe.device, pipe.dtype
         self.noise_order, self.fixed_frames = noise, num_latent_frames
         if num_latent_frames is not None:
@@ -118,7 +122,7 @@ class StreamSession:
         self.compile_engine = compile
         self.engine = None
         self.timings: dict[str, float] = defaultdict(float)
-        with torch.inference_mode(), self._timed("setup"):
+        with self._no_grad(), self._timed("setup"):
             self._encode_reference(image, fit)
             self.context_kv = pipe.dit.context_kv(pipe.encode_text(text).unsqueeze(0))
             self.cache = DualAnchorCache(num_layers=self.cfg.num_layers, batch=1, grid_hw=self.cfg.grid_hw,
@@ -133,7 +137,7 @@ class StreamSession:
     # ------------------------------------------------------------------ public API
     def reset(self) -> None:
         """Start a new stream from the same reference, text and seed (the style anchor is kept)."""
-        with torch.inference_mode():           # the session's buffers are inference tensors
+        with self._no_grad():                  # the session's buffers are inference tensors
             self._reset()
 
     def _reset(self) -> None:
@@ -240,7 +244,7 @@ class StreamSession:
             sp = step_plan(self.stream, self.next_window, n_blocks, self.levels_t)
             if self.source is None or self.source.available_frames < sp.passes[0].audio_rows[1] - 1:
                 break
-            with torch.inference_mode():
+            with self._no_grad():
                 block = self._run_step(sp)
                 if block is not None:
                     items.append(self.engine.decode(block) if self._engine_live else self._decode(block))
@@ -412,7 +416,7 @@ class StreamSession:
         return ((1 - s) * x0.float() + s * eps.float()).to(eps.dtype)
 
     def _decode(self, latents: Tensor) -> Tensor:
-        with self._timed("decode"), torch.inference_mode():
+        with self._timed("decode"), self._no_grad():
             video = self.pipe.decoder.decode_step(latents.to(self.pipe.vae_dtype), self.decode_cache)
             return frames_to_uint8(video).cpu()
 
