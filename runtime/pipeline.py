@@ -14,6 +14,7 @@ Not here: the loop itself (session.py), file formats (weights.py), media I/O (me
 """
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -33,6 +34,8 @@ from .vae import WanVAE
 
 # A random text encoder larger than this is not built (umT5-XXL would take ~23 GB); the context is zeros instead.
 MAX_RANDOM_TEXT_PARAMS = 200_000_000
+# The toy-talker this project trains itself (train/toy.py) ships here: weights, config, reference faces, speech.
+TOY_ASSETS = Path(__file__).parent / "assets" / "toy"
 
 
 def _build(cls, cfg: ModelConfig, device, dtype, seed: int | None) -> nn.Module:
@@ -60,6 +63,7 @@ class AvatarPipeline:
         self.device, self.dtype = torch.device(device), dtype
         self.vae_dtype = dtype
         self.random_components = tuple(random_components)
+        self.default_stream = StreamConfig.preset("official")     # what session()/generate() use by default
         self._text_cache: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ construction
@@ -67,7 +71,11 @@ class AvatarPipeline:
     def from_preset(cls, name: str = "tiny", *, device="cpu", dtype=torch.float32, seed: int = 0,
                     **overrides) -> "AvatarPipeline":
         """All components with deterministic random weights (`device="meta"`: shapes only, no memory).
-        `overrides` change ModelConfig fields of the preset, e.g. `decoder="taehv"`."""
+        `overrides` change ModelConfig fields of the preset, e.g. `decoder="taehv"`. The `toy-talker` preset
+        loads its shipped trained weights instead (`random_weights=True` for a random one, as training starts)."""
+        if name == "toy-talker" and not overrides.pop("random_weights", False):
+            return cls.from_toy(TOY_ASSETS, device=device, dtype=dtype)
+        overrides.pop("random_weights", None)
         cfg = ModelConfig.preset(name, **overrides)
         meta = str(device) == "meta"
         dit = _build(AvatarDiT, cfg, device, dtype, seed)
@@ -81,6 +89,29 @@ class AvatarPipeline:
         parts = ("dit", "vae", "audio", "text") + (("decoder",) if decoder is not None else ())
         return cls(cfg, dit=dit, vae=vae, decoder=decoder, audio_encoder=audio, text_encoder=text, device=device,
                    dtype=dtype, random_components=parts)
+
+    @classmethod
+    def from_toy(cls, path: str | Path = TOY_ASSETS, *, device="cpu", dtype=torch.float32) -> "AvatarPipeline":
+        """The toy-talker written by `python -m train.toy` (toy-talker.safetensors + toy-talker.json)."""
+        from safetensors.torch import load_file
+        path = Path(path)
+        weights, meta_file = path / "toy-talker.safetensors", path / "toy-talker.json"
+        if not weights.is_file() or not meta_file.is_file():
+            raise FileNotFoundError(f"no toy-talker in {path} (toy-talker.safetensors + toy-talker.json); train one "
+                                    f"with `python -m train.toy --out DIR --install`")
+        meta = json.loads(meta_file.read_text())
+        cfg, stream = ModelConfig.from_dict(meta["model"]), StreamConfig.from_dict(meta["stream"])
+        tensors = load_file(weights)
+        parts = {}
+        for prefix, klass in (("dit.", AvatarDiT), ("ae.", FrameAE)):     # small: built directly on the CPU
+            module = klass(cfg)
+            module.load_state_dict({k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)})
+            parts[prefix] = module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        text = _EmbeddingText(tensors["text.context"].float())
+        pipe = cls(cfg, dit=parts["dit."], vae=parts["ae."], audio_encoder=LogMelFeatures.from_config(cfg),
+                   text_encoder=text, device=device, dtype=dtype)
+        pipe.default_stream = stream
+        return pipe
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, dit=None, vae=None, wav2vec=None, text=None,
@@ -139,6 +170,9 @@ class AvatarPipeline:
                    device=device, dtype=dtype, random_components=tuple(random_parts))
 
     # ------------------------------------------------------------------ component helpers
+    def _stream(self, stream) -> StreamConfig:
+        return self.default_stream if stream is None else _stream(stream)
+
     def encode_text(self, text) -> Tensor:
         """Text context [text_len, text_dim]: a string (through the text encoder, cached per string), a tensor,
         or a path to an embedding file written by `runtime.text.save_text_embedding`."""
@@ -168,11 +202,12 @@ class AvatarPipeline:
 
     # ------------------------------------------------------------------ entry points
     def session(self, image, stream: StreamConfig | str | None = None, text="", seed: int = 0,
-                fit: str = "error", engine: bool | None = None, compile: bool = False) -> StreamSession:
+                fit: str = "error", engine: bool | None = None, compile: bool = False,
+                inference: bool = True) -> StreamSession:
         """A streaming session for one reference image (see session.py). `engine`: run steady-state steps
         through the static-shape engine (default: on CUDA); `compile`: torch.compile the engine's step."""
-        return StreamSession(self, image, stream=_stream(stream), text=text, seed=seed, fit=fit, engine=engine,
-                             compile=compile)
+        return StreamSession(self, image, stream=self._stream(stream), text=text, seed=seed, fit=fit,
+                             engine=engine, compile=compile, inference=inference)
 
     def generate(self, image, audio, stream: StreamConfig | str | None = None, audio_mode: str = "clip",
                  seed: int = 0, text="", fit: str = "error", num_latent_frames: int | None = None,
@@ -184,7 +219,7 @@ class AvatarPipeline:
         end to end, 1 + 4(N - 1) frames. Without it N covers the audio and 1 + A frames are returned (A = audio
         frames). `audio_mode="stream"` is exactly a session fed the whole audio at once.
         """
-        stream = _stream(stream)
+        stream = self._stream(stream)
         pcm = load_audio(audio, sample_rate=sample_rate)
         if audio_mode == "stream":
             sess = self.session(image, stream=stream, text=text, seed=seed, fit=fit)

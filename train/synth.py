@@ -110,7 +110,8 @@ def speak(text: str, voice: str = "en-us", speed: int = 160, pitch: int = 50, am
         raise RuntimeError(f"{ESPEAK} failed ({run.returncode}): {run.stderr.decode(errors='replace').strip()}")
     rate, pcm = _parse_wav(run.stdout)
     audio = soxr.resample(pcm.astype(np.float32) / 32768.0, rate, SAMPLE_RATE)   # 22,050 -> 16,000 Hz
-    return audio.astype(np.float32)
+    # resampling overshoots full-scale peaks slightly; the runtime accepts only [-1, 1]
+    return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,198 @@
+"""Quality of the toy-talker's streams: lip-sync, identity, colour drift and flicker, with the paper's ablations.
+
+    python -m bench.quality [--weights runtime/assets/toy] [--identities 4] [--seconds 8 60] [--no-ablations]
+
+Metrics need no downloaded weights: a probe CNN is trained here on ground-truth synthetic frames (train/synth.py)
+to read the mouth opening and roundness and to classify the training identities; the same probe then reads the
+generated frames.
+- lip-sync (Sync-C stand-in): Pearson r between the probe's mouth opening on generated frames and the renderer's
+  ground-truth opening for the same audio, at lag 0, and the best r over lags -4..4 (a non-zero best lag means an
+  audio-visual offset). Ground truth scores ~0.99; wrong audio ~0.2 on 8 s clips.
+- identity (CSIM stand-in): cosine between the probe's identity embeddings of each frame and of the reference,
+  after subtracting the mean embedding of the training frames (the raw embeddings share a large component).
+- colour drift: CIEDE2000 between each frame's mean CIELAB colour and the reference's; mean and last 10%.
+- flicker: mean |frame_t - frame_{t-1}| in 0..255.
+Streams are 8 s and 60 s of identities never seen in training (seeds from 100,000), pushed through the runtime's
+StreamSession exactly as a live caller would. Ablations (each a StreamConfig change): no style anchor, anchor
+without RoPE re-indexing, no temporal anchor, non-zero anchor audio, and (L, N) in {(1, 4), (2, 2), (4, 1)}.
+A table, then one JSON line last. Swap `Probe` for SyncNet / ArcFace where real weights exist.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+VAL_SEED0 = 100_000
+PROBE_SEED0 = 200_000            # the probe's own training clips: not the runtime model's training set either
+
+
+class Probe(nn.Module):
+    """4 strided convs + BN -> (mouth opening, roundness) regression and identity classification."""
+
+    def __init__(self, identities: int, width: int = 48):
+        super().__init__()
+        layers, c = [], 3
+        for out in (width, 2 * width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(c, out, 4, stride=2, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+            c = out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())   # [N, 4 width]
+        self.mouth = nn.Linear(c, 2)
+        self.identity = nn.Linear(c, identities)
+
+    def forward(self, frames: torch.Tensor):
+        """frames uint8 [N, H, W, 3] -> (embedding [N, 4 width], mouth [N, 2], identity logits)."""
+        x = frames.float().div(127.5).sub(1).permute(0, 3, 1, 2)
+        emb = self.features(x)
+        return emb, self.mouth(emb), self.identity(emb)
+
+
+def train_probe(clips, steps: int = 400, batch: int = 64, seed: int = 0):
+    """Fit the probe on ground-truth frames; returns (probe, mean training embedding)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    probe = Probe(len(clips))
+    opt = torch.optim.AdamW(probe.parameters(), lr=2e-3, weight_decay=1e-4)
+    frames = torch.from_numpy(clips.frames)                                  # [N, T, H, W, 3]
+    targets = torch.from_numpy(np.stack([clips.mouth, clips.roundness], -1))  # [N, T, 2]
+    probe.train()
+    for _ in range(steps):
+        c, f = rng.integers(0, len(clips), batch), rng.integers(0, frames.shape[1], batch)
+        _, mouth, logits = probe(frames[c, f])
+        loss = (mouth - targets[c, f]).pow(2).mean() * 10 + nn.functional.cross_entropy(logits, torch.from_numpy(c))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    probe.eval()
+    with torch.no_grad():
+        sample = frames[rng.integers(0, len(clips), 512), rng.integers(0, frames.shape[1], 512)]
+        mean = probe(sample)[0].mean(0)
+    return probe, mean
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else 0.0
+
+
+@torch.no_grad()
+def metrics(probe, mean_emb, frames: np.ndarray, mouth_gt: np.ndarray, reference: np.ndarray) -> dict:
+    """frames uint8 [T, H, W, 3] (frame 0 = reference reconstruction), mouth_gt [T] ground truth."""
+    from skimage.color import deltaE_ciede2000, rgb2lab
+    emb, mouth, _ = zip(*[probe(torch.from_numpy(frames[i:i + 256])) for i in range(0, len(frames), 256)])
+    emb, opening = torch.cat(emb), torch.cat(mouth)[:, 0].numpy()
+    ref_emb = probe(torch.from_numpy(reference[None]))[0][0]
+    centred = emb[1:] - mean_emb
+    csim = torch.nn.functional.cosine_similarity(centred, (ref_emb - mean_emb)[None], dim=1).mean().item()
+    gen, gt = opening[1:], mouth_gt[1:]
+    lags = {lag: pearson(gen[max(0, lag):len(gen) + min(0, lag)], gt[max(0, -lag):len(gt) - max(0, lag)])
+            for lag in range(-4, 5)}
+    best = max(lags, key=lags.get)
+    lab = rgb2lab(frames.reshape(-1, 1, 3).astype(np.float32) / 255).reshape(frames.shape)
+    mean_lab = lab[1:].mean(axis=(1, 2))
+    ref_lab = rgb2lab(reference.reshape(-1, 1, 3).astype(np.float32) / 255).reshape(reference.shape).mean(axis=(0, 1))
+    de = deltaE_ciede2000(np.broadcast_to(ref_lab, mean_lab.shape), mean_lab)
+    tail = max(1, len(de) // 10)
+    flicker = np.abs(np.diff(frames[1:].astype(np.float32), axis=0)).mean()
+    return dict(sync_r=lags[0], sync_best_r=lags[best], sync_best_lag=best, identity=csim,
+                de2000=float(de.mean()), de2000_last10=float(de[-tail:].mean()), flicker=float(flicker))
+
+
+def stream_clip(pipe, clip, stream, seed: int = 0, chunk: int = 3200) -> np.ndarray:
+    """Generated frames for a clip: its frame 0 as the reference image, its audio pushed in 200 ms chunks."""
+    sess = pipe.session(clip.frames[0], stream=stream, seed=seed)
+    out = [sess.push_audio(clip.audio[i:i + chunk]) for i in range(0, len(clip.audio), chunk)]
+    out.append(sess.flush())
+    return torch.cat(out).numpy()
+
+
+def ablations(base):
+    """The paper's ablations as StreamConfig changes of the shipped stream."""
+    from dataclasses import replace
+    out = {"default": base,
+           "no style anchor": replace(base, name="no-style-anchor", use_style_anchor=False),
+           "anchor not re-indexed": replace(base, name="no-reindex", reindex_anchor=False),
+           "no temporal anchor": replace(base, name="no-temporal-anchor", use_temporal_anchor=False),
+           "anchor audio not zero": replace(base, name="anchor-audio", anchor_audio="first")}
+    steps = base.denoise_steps
+    for L, N in ((1, 4), (2, 2), (4, 1)):
+        out[f"L={L}, N={N}"] = replace(base, name=f"L{L}N{N}", window_blocks=L, passes=N, denoise_steps=steps)
+    return out
+
+
+def evaluate(pipe, stream, probe, mean_emb, clips, label="default") -> dict:
+    rows = [metrics(probe, mean_emb, stream_clip(pipe, c, stream), c.mouth_open, c.frames[0]) for c in clips]
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def ground_truth(probe, mean_emb, clips) -> dict:
+    rows = [metrics(probe, mean_emb, c.frames, c.mouth_open, c.frames[0]) for c in clips]
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", default=None, help="toy-talker directory (default: the shipped one)")
+    p.add_argument("--identities", type=int, default=4)
+    p.add_argument("--seconds", type=float, nargs="+", default=[8.0, 60.0])
+    p.add_argument("--ablation-seconds", type=float, default=60.0)
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--probe-clips", type=int, default=200)
+    p.add_argument("--json-out")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    from runtime import AvatarPipeline
+    from train.data import make_clips
+    from train.synth import make_clip
+    t0 = time.perf_counter()
+    pipe = AvatarPipeline.from_preset("toy-talker") if args.weights is None else \
+        AvatarPipeline.from_toy(args.weights)
+    stream = pipe.default_stream
+    probe_clips = make_clips(args.probe_clips, 4.0, PROBE_SEED0, desc="probe clips")
+    probe, mean_emb = train_probe(probe_clips)
+    result = dict(bench="quality", stream=stream.name, identities=args.identities, runs={})
+    for seconds in args.seconds:
+        clips = [make_clip(VAL_SEED0 + i, seconds) for i in range(args.identities)]
+        n = len(clips)                     # the floor: a clip's true mouth track against another clip's audio
+        wrong = float(np.mean([pearson(clips[i].mouth_open[1:], clips[(i + 1) % n].mouth_open[1:]) for i in range(n)]))
+        result["runs"][f"{seconds:g}s"] = {
+            "ground truth": ground_truth(probe, mean_emb, clips),
+            "generated": evaluate(pipe, stream, probe, mean_emb, clips),
+            "wrong audio": {"sync_r": wrong},
+        }
+    if not args.no_ablations:
+        clips = [make_clip(VAL_SEED0 + i, args.ablation_seconds) for i in range(min(2, args.identities))]
+        result["ablations"] = {name: evaluate(pipe, cfg, probe, mean_emb, clips)
+                               for name, cfg in ablations(stream).items()}
+        result["ablation_seconds"] = args.ablation_seconds
+    result["seconds_total"] = round(time.perf_counter() - t0, 1)
+    print_table(result)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return 0
+
+
+def print_table(r: dict) -> None:
+    cols = ("sync_r", "sync_best_r", "sync_best_lag", "identity", "de2000", "de2000_last10", "flicker")
+    head = f"{'run':<34}" + "".join(f"{c:>15}" for c in cols)
+    print(f"toy-talker quality | stream {r['stream']} | {r['identities']} unseen identities")
+    print(head)
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    for run, entries in r["runs"].items():
+        for name, m in entries.items():
+            print(f"{run + ' ' + name:<34}" + "".join(f"{fmt(m.get(c)):>15}" for c in cols))
+    for name, m in r.get("ablations", {}).items():
+        print(f"{'ablation ' + name:<34}" + "".join(f"{fmt(m.get(c)):>15}" for c in cols))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Training code against the runtime: the student's one-pass training computation is the streaming computation,
+and the teacher sampler records states exactly at the stream's noise levels."""
+import numpy as np
+import pytest
+import torch
+
+from runtime import AvatarPipeline, StreamConfig
+from runtime.scheduler import step_plan
+from train.distill import block_causal_mask, one_pass, stream_sigmas
+from train.teacher import TextEmbedding, euler_grid, sample
+
+
+@pytest.fixture(scope="module")
+def toy():
+    pipe = AvatarPipeline.from_preset("toy-talker", seed=0, random_weights=True)   # the check is structural
+    text = TextEmbedding(pipe.config.text_len, pipe.config.text_dim)
+    pipe.text_encoder = None
+    return pipe, text
+
+
+def test_one_pass_equals_the_streaming_session(toy):
+    """Window 5 of a low-delay stream (history = frames 1, 2 from cache passes, window = frames 3..6) computed
+    by the session equals one masked call over [anchor | history | window] (tolerance 1e-5 in fp32)."""
+    pipe, text = toy
+    stream = StreamConfig.preset("low-delay")
+    image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    feats = torch.randn(40, pipe.config.audio_input_dim, generator=torch.Generator().manual_seed(1))
+    sess = pipe.session(image, stream=stream, text=text.context[0].detach(), seed=3)
+    emitted = {}
+    sess.on_block = lambda b, x0: emitted.__setitem__(b, x0.clone())
+    with torch.inference_mode():
+        sess.push_features(feats[:20])                            # windows 0..4: frames 1 and 2 are history
+        sess.source.push(feats[20:24])                            # window 5's audio, without running it
+        sp = step_plan(stream, 5, None, sess.levels_t)
+        assert sess.next_window == 5 and sp.passes[0].history == (1, 2) and sp.passes[0].frames == (3, 4, 5, 6)
+        x = torch.cat([sess.noisy[b] for b in sp.blocks[:-1]] + [sess._fresh_block(sp.fresh_block)], dim=2)
+        audio = sess._audio(*sp.passes[0].audio_rows)
+        session_x0 = sess._dit_pass(x, sp.passes[0], audio)
+        rows = feats.unsqueeze(0)
+        history = torch.cat([emitted[0], emitted[1]], 2)
+        sig = torch.tensor(stream_sigmas(stream))[[3, 2, 1, 0]]     # oldest at the lowest level
+        ours = one_pass(pipe.dit, text, sess.z_ref, history, x, sig,
+                        {"history": rows[:, 0:8], "window": rows[:, 8:24]})
+    err = (ours - session_x0).abs().max().item()
+    assert err <= 1e-5, err
+
+
+def test_block_causal_mask():
+    m = block_causal_mask(2, 3, 1)
+    assert m[0].tolist() == [True, False, False, False, False, False]
+    assert m[1].tolist() == [True, True, False, False, False, False]
+    assert m[2].tolist() == [True, True, True, False, False, False]
+    assert all(m[i].all() for i in range(3, 6))
+    assert block_causal_mask(1, 1, 4).shape == (12, 12)
+
+
+def test_teacher_records_states_exactly_at_stream_levels(toy):
+    pipe, text = toy
+    ref = torch.randn(2, 16, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    audio = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(1))
+    levels = stream_sigmas(StreamConfig.preset("official"))
+    g = torch.Generator().manual_seed(5)
+    x0, states = sample(pipe.dit, text, ref, audio, 4, g, steps=8, record_levels=tuple(levels))
+    noise = torch.randn(2, 16, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(states[1.0], noise)                          # sigma = 1 is the drawn noise itself
+    assert set(states) == set(levels) and x0.shape == noise.shape
+    grid = euler_grid(8)
+    assert not any(torch.isclose(grid, torch.tensor(lv)).any() for lv in levels[1:])   # levels fall between grid points

@@ -1,0 +1,372 @@
+"""Train the toy-talker end to end with the paper's method, and package it as the runtime's default model.
+
+    python -m train.toy --out DIR [--device cpu|cuda] [--minutes-per-stage ae=10,teacher=35,ode=10,dmd=12]
+                        [--clips 600] [--seed 0] [--threads 2] [--install]
+
+Stages (reference/toy-talker-plan.md is the measured plan this follows): synthetic data (train/synth.py) ->
+per-frame autoencoder (FrameAE) and latent / log-mel statistics -> bidirectional flow-matching teacher ->
+ODE backfill at the exact stream noise levels -> stage 1, ODE regression of the one-step student (one masked pass
+= the cached streaming computation) -> stage 2, DMD on rollouts of the runtime's StreamSession with a critic ->
+quality metrics of both students on unseen identities -> a gate that ships DMD only if it is at least as good as
+the ODE student on lip-sync at equal identity and does not add drift or flicker (else the ODE student ships).
+Every stage uses the runtime's own AvatarDiT, FrameAE, log-mel extractor, scheduler and session.
+
+Output: DIR/toy-talker.safetensors (fp16: DiT, autoencoder, text context), DIR/toy-talker.json (ModelConfig with
+the measured statistics, StreamConfig, metrics, timings, sha256 manifest), reference faces and a speech clip;
+`--install` copies them to runtime/assets/toy/. Deterministic per seed and thread count on one machine
+(espeak-ng's version and CPU float paths differ across machines; the manifest records both).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from runtime.config import ModelConfig, StreamConfig
+from runtime.dit import AvatarDiT, init_random_
+from runtime.frame_ae import FrameAE
+
+from . import ae as ae_stage
+from .data import Batches, encode_latents, logmel_rows, logmel_stats, make_clips, normalise_rows
+from .distill import backfill, dmd_losses, ode_example, ode_loss, rollout_window, stream_sigmas
+from .teacher import EMA, TextEmbedding, cosine_lr, teacher_loss
+
+ASSETS = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "toy"
+# Stages run a fixed number of steps, so a run is deterministic per seed and thread count; --minutes-per-stage
+# adds a wall-clock cap (a quick run then depends on the machine's speed; the manifest records the steps done).
+DEFAULT_STEPS = dict(ae=2500, teacher=3000, ode=600, dmd=500)
+NO_TIME_CAP = 1e9
+STREAM = "low-delay"                          # B = 1 latent, L = 4, N = 1, re-indexed anchor: 0.48 s look-ahead
+
+
+def parse_minutes(text: str | None) -> dict:
+    minutes = dict(ae=NO_TIME_CAP, teacher=NO_TIME_CAP, backfill=NO_TIME_CAP, ode=NO_TIME_CAP, dmd=NO_TIME_CAP)
+    if text:
+        for part in text.split(","):
+            if "=" in part:
+                k, v = part.split("=")
+                if k.strip() not in minutes:
+                    raise ValueError(f"unknown stage {k!r} in --minutes-per-stage; stages: {', '.join(minutes)}")
+                minutes[k.strip()] = float(v)
+            else:
+                minutes = {k: float(part) for k in minutes}
+    return minutes
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+
+
+def timed_loop(name: str, minutes: float, cap: int, step_fn, log) -> dict:
+    """Run step_fn(step) until the time budget or the step cap; tqdm progress with the running loss."""
+    start, losses, step = time.perf_counter(), [], 0
+    deadline = start + 60 * minutes
+    with tqdm(total=cap, desc=name, unit="step") as bar:
+        while step < cap and time.perf_counter() < deadline:
+            losses.append(float(step_fn(step)))
+            step += 1
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4g}")
+    info = dict(steps=step, seconds=round(time.perf_counter() - start, 1),
+                final_loss=float(np.mean(losses[-50:])) if losses else None)
+    log(f"{name}: {info}")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def train_teacher(cfg, batches: Batches, minutes, cap, seed, log):
+    teacher = init_random_(AvatarDiT(cfg), seed).train().requires_grad_(True)
+    with torch.no_grad():                              # zero-init output head: start from v = bias ~ 0
+        teacher.head.head.weight.zero_()
+    text = TextEmbedding(cfg.text_len, cfg.text_dim)
+    params = list(teacher.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+    ema, ema_text = EMA(teacher, 0.998), EMA(text, 0.998)
+    g = torch.Generator().manual_seed(seed + 11)
+
+    def step(i):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(i, cap, 5e-4, warmup=100, floor=0.2)
+        frames = 4 if torch.rand((), generator=g) < 0.7 else 6
+        loss = teacher_loss(teacher, text, batches.window(16, frames), g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(teacher)
+        ema_text.update(text)
+        return loss.item()
+
+    info = timed_loop("teacher", minutes, cap, step, log)
+    return ema.model, ema_text.model, info
+
+
+def run_backfill(teacher, text, batches: Batches, levels, minutes, count, seed, log, history=2, window=4):
+    """`count` teacher trajectories of history + window frames (batches of 16)."""
+    g = torch.Generator().manual_seed(seed + 21)
+    out, start = [], time.perf_counter()
+    for _ in tqdm(range(0, count, 16), desc="backfill", unit="batch"):
+        if time.perf_counter() - start > 60 * minutes:
+            break
+        b = batches.window(16, history + window)
+        traj = backfill(teacher, text, b["ref"], b["audio"], history + window, levels, g)
+        out.append(dict(ref=b["ref"].half(), audio=b["audio"].half(), x0=traj["x0"].half(),
+                        states=traj["states"].half()))
+    log(f"backfill: {16 * len(out)} trajectories in {time.perf_counter() - start:.1f} s")
+    return out
+
+
+def train_ode(teacher, text, trajectories, levels, minutes, cap, seed, log):
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed + 31)
+
+    def step(i):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(i, cap, 1e-4, warmup=50, floor=0.2)
+        t = trajectories[int(torch.randint(0, len(trajectories), (), generator=g))]
+        kind = ["steady", "steady", "steady", "steady", "steady", "steady", "steady", "steady", "rampup", "tail"][
+            int(torch.randint(0, 10, (), generator=g))]
+        ex = ode_example({"x0": t["x0"].float(), "states": t["states"].float()}, t["ref"].float(),
+                         t["audio"].float(), levels, history=2, kind=kind)
+        loss = ode_loss(student, text, ex)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    info = timed_loop("ode", minutes, cap, step, log)
+    return student.eval().requires_grad_(False), info
+
+
+def train_dmd(ode_student, teacher, text, make_pipe, clips, rows, stream, minutes, cap, seed, log):
+    student = copy.deepcopy(ode_student).train().requires_grad_(True)
+    critic = copy.deepcopy(teacher).train().requires_grad_(True)
+    critic_text = copy.deepcopy(text).requires_grad_(False)
+    opt_g = torch.optim.AdamW(student.parameters(), lr=1e-5, betas=(0.0, 0.999))
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=2e-4, betas=(0.0, 0.999))
+    pipe = make_pipe(student)
+    g = torch.Generator().manual_seed(seed + 41)
+
+    def step(i):
+        xs, refs, audios = [], [], []
+        for _ in range(4):
+            c = int(torch.randint(0, len(clips), (), generator=g))
+            windows = int(torch.randint(3, 8, (), generator=g))
+            x0, ref, audio = rollout_window(pipe, clips.frames[c, 0], rows[c], stream, windows,
+                                            seed=int(torch.randint(0, 2 ** 31, (), generator=g)))
+            xs.append(x0)
+            refs.append(ref.float())
+            audios.append(audio.float())
+        x0, ref, audio = torch.cat(xs), torch.cat(refs), torch.cat(audios)
+        gen_loss, critic_loss = dmd_losses(x0, ref, audio, teacher, critic, text, critic_text, g)
+        opt_g.zero_grad(set_to_none=True)
+        gen_loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt_g.step()
+        for _ in range(2):                                  # critic steps on the same (detached) windows
+            _, critic_loss = dmd_losses(x0.detach(), ref, audio, teacher, critic, text, critic_text, g)
+            opt_c.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            opt_c.step()
+        return gen_loss.item()
+
+    info = timed_loop("dmd", minutes, cap, step, log)
+    return student.eval().requires_grad_(False), info
+
+
+# ---------------------------------------------------------------------------------------------- gate + ship
+def gate(ode_m: dict, dmd_m: dict) -> tuple[str, str]:
+    """Ship DMD only if lip-sync >= ODE's at equal identity, without more drift or flicker (the plan's gate)."""
+    checks = {"sync": dmd_m["sync_r"] >= ode_m["sync_r"],
+              "identity": dmd_m["identity"] >= ode_m["identity"] - 0.005,
+              "drift": dmd_m["de2000_last10"] <= 1.2 * ode_m["de2000_last10"],
+              "flicker": dmd_m["flicker"] <= 1.2 * ode_m["flicker"]}
+    failed = [k for k, ok in checks.items() if not ok]
+    return ("dmd", "all checks passed") if not failed else ("ode", "DMD failed: " + ", ".join(failed))
+
+
+def save_model(out: Path, cfg: ModelConfig, stream: StreamConfig, dit, ae, text, extra: dict) -> dict:
+    from safetensors.torch import save_file
+    tensors = {f"dit.{k}": v.half().contiguous() for k, v in dit.state_dict().items()}
+    tensors |= {f"ae.{k}": v.half().contiguous() for k, v in ae.state_dict().items()}
+    tensors["text.context"] = text.context.detach()[0].half().contiguous()
+    save_file(tensors, out / "toy-talker.safetensors")
+    meta = dict(model=cfg.to_dict(), stream=stream.to_dict(), **extra)
+    meta["sha256"] = {"toy-talker.safetensors": sha256(out / "toy-talker.safetensors")}
+    (out / "toy-talker.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.toy", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--minutes-per-stage", default=None,
+                   help="wall-clock cap per stage, 'ae=10,teacher=35,ode=10,dmd=12' or one number for all "
+                        "(default: no cap; the fixed step counts make the run deterministic)")
+    p.add_argument("--steps", default=None, help="steps per stage, e.g. 'ae=2500,teacher=3000,ode=600,dmd=500'")
+    p.add_argument("--clips", type=int, default=600)
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--trajectories", type=int, default=800)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-identities", type=int, default=4)
+    p.add_argument("--install", action="store_true", help="copy the result into runtime/assets/toy/")
+    p.add_argument("--smoke", action="store_true", help="a few minutes end to end (tiny data and budgets)")
+    args = p.parse_args(argv)
+    if args.device == "cuda":
+        raise SystemExit("train.toy: the stages run on the CPU in this version (--device cuda is not wired yet)")
+    minutes = parse_minutes(args.minutes_per_stage)
+    caps = dict(DEFAULT_STEPS)
+    for part in filter(None, (args.steps or "").split(",")):
+        k, v = part.split("=")
+        if k not in caps:
+            raise SystemExit(f"unknown stage {k!r} in --steps; stages: {', '.join(caps)}")
+        caps[k] = int(v)
+    if args.smoke:
+        minutes = {k: min(v, 0.5) for k, v in minutes.items()}
+        caps = {k: 20 for k in caps}
+        args.clips, args.trajectories, args.eval_identities = 12, 32, 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = (out / "log.txt").open("w")
+
+    def log(msg):
+        print(msg, file=sys.stderr)
+        print(msg, file=log_file, flush=True)
+
+    seed_everything(args.seed, args.threads)
+    timings, t_all = {}, time.perf_counter()
+    base = ModelConfig.preset("toy-talker")
+    stream = StreamConfig.preset(STREAM)
+
+    # -- data --
+    t0 = time.perf_counter()
+    clips = make_clips(args.clips, args.seconds, seed0=args.seed * 1_000_000, desc="training clips")
+    timings["data"] = round(time.perf_counter() - t0, 1)
+    log(f"data: {len(clips)} clips x {args.seconds} s in {timings['data']} s, sha256 {clips.sha256()[:16]}")
+
+    # -- autoencoder + statistics --
+    torch.manual_seed(args.seed + 1)
+    ae = FrameAE(base)
+    timings["ae"] = ae_stage.train_ae(ae, clips, minutes=minutes["ae"], max_steps=caps["ae"], seed=args.seed + 1,
+                                      log=log)
+    ae_psnr = ae_stage.evaluate_ae(ae, clips)
+    latent_mean, latent_std = ae_stage.code_statistics(ae, clips)
+    rows_raw = logmel_rows(clips, base.logmel_bins)
+    lm_mean, lm_std = logmel_stats(rows_raw, base.logmel_bins)
+    cfg = ModelConfig.from_dict({**base.to_dict(), "latent_mean": latent_mean, "latent_std": latent_std,
+                                 "logmel_mean": lm_mean, "logmel_std": lm_std})
+    ae.latent_mean.copy_(torch.tensor(latent_mean))
+    ae.latent_std.copy_(torch.tensor(latent_std))
+    ae._stats = (latent_mean, latent_std)
+    ae.eval().requires_grad_(False)
+    log(f"autoencoder: PSNR {ae_psnr:.2f} dB on training frames")
+    latents = encode_latents(ae, clips)
+    rows = normalise_rows(rows_raw, lm_mean, lm_std)
+    batches = Batches(latents, rows, torch.Generator().manual_seed(args.seed + 2))
+
+    # -- teacher, backfill, stage 1 --
+    teacher, text, timings["teacher"] = train_teacher(cfg, batches, minutes["teacher"], caps["teacher"],
+                                                      args.seed + 3, log)
+    levels = stream_sigmas(stream)
+    t0 = time.perf_counter()
+    traj = run_backfill(teacher, text, batches, levels, minutes["backfill"], args.trajectories, args.seed + 4, log)
+    timings["backfill"] = round(time.perf_counter() - t0, 1)
+    ode_student, timings["ode"] = train_ode(teacher, text, traj, levels, minutes["ode"], caps["ode"],
+                                            args.seed + 5, log)
+
+    # -- stage 2 --
+    from runtime.audio import LogMelFeatures
+    from runtime.pipeline import AvatarPipeline, _EmbeddingText
+
+    def make_pipe(dit):
+        return AvatarPipeline(cfg, dit=dit, vae=ae, audio_encoder=LogMelFeatures.from_config(cfg),
+                              text_encoder=_EmbeddingText(text.context[0].detach()), dtype=torch.float32)
+
+    dmd_student, timings["dmd"] = train_dmd(ode_student, teacher, text, make_pipe, clips, rows, stream,
+                                            minutes["dmd"], caps["dmd"], args.seed + 6, log)
+
+    # -- metrics and the gate --
+    from bench.quality import PROBE_SEED0, VAL_SEED0, evaluate, train_probe
+    from train.synth import make_clip
+    t0 = time.perf_counter()
+    probe, mean_emb = train_probe(make_clips(max(2, args.clips // 3), 4.0, PROBE_SEED0, desc="probe clips"))
+    val = [make_clip(VAL_SEED0 + i, 8.0) for i in range(args.eval_identities)]
+    long = [make_clip(VAL_SEED0 + i, 60.0 if not args.smoke else 8.0) for i in range(min(2, args.eval_identities))]
+    scores = {}
+    for name, dit in (("ode", ode_student), ("dmd", dmd_student)):
+        short = evaluate(make_pipe(dit), stream, probe, mean_emb, val)
+        drift = evaluate(make_pipe(dit), stream, probe, mean_emb, long)
+        scores[name] = {**short, "de2000_last10": drift["de2000_last10"], "de2000_60s": drift["de2000"]}
+        log(f"{name} student: {scores[name]}")
+    choice, reason = gate(scores["ode"], scores["dmd"])
+    timings["metrics"] = round(time.perf_counter() - t0, 1)
+    log(f"gate: ship {choice} ({reason})")
+
+    # -- ship --
+    shipped = ode_student if choice == "ode" else dmd_student
+    for i, c in enumerate(val[:4]):
+        from PIL import Image
+        Image.fromarray(c.frames[0]).save(out / f"ref_{i}.png")
+    from train.synth import speak
+    hello = speak("Hello! I am a small cartoon talker, trained on synthetic faces. Watch my mouth as I speak.",
+                  voice="en-us", speed=150, pitch=50, amplitude=120)
+    _write_wav(out / "hello.wav", hello)
+    timings["total"] = round(time.perf_counter() - t_all, 1)
+    meta = save_model(out, cfg, stream, shipped, ae, text, dict(
+        shipped=choice, gate=reason, metrics=scores, autoencoder_psnr_db=round(ae_psnr, 2), timings=timings,
+        training=dict(command=" ".join(["python -m train.toy"] + (argv or sys.argv[1:])), seed=args.seed,
+                      threads=args.threads, clips=args.clips, seconds=args.seconds, data_sha256=clips.sha256(),
+                      espeak=_espeak_version(), torch=torch.__version__, platform=platform.platform())))
+    meta["sha256"] |= {f.name: sha256(f) for f in sorted(out.glob("ref_*.png"))} | {"hello.wav": sha256(out / "hello.wav")}
+    (out / "toy-talker.json").write_text(json.dumps(meta, indent=1) + "\n")
+    log(f"done in {timings['total']} s: {out / 'toy-talker.safetensors'}")
+    if args.install:
+        ASSETS.mkdir(parents=True, exist_ok=True)
+        for f in ["toy-talker.safetensors", "toy-talker.json", "hello.wav", *[x.name for x in out.glob("ref_*.png")]]:
+            shutil.copy(out / f, ASSETS / f)
+        log(f"installed into {ASSETS}")
+    return 0
+
+
+def _write_wav(path: Path, pcm: np.ndarray, rate: int = 16000) -> None:
+    import wave
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype(np.int16).tobytes())
+
+
+def _espeak_version() -> str | None:
+    try:
+        return subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
