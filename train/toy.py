@@ -46,7 +46,7 @@ from .teacher import EMA, TextEmbedding, cosine_lr, teacher_loss
 ASSETS = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "toy"
 # Stages run a fixed number of steps, so a run is deterministic per seed and thread count; --minutes-per-stage
 # adds a wall-clock cap (a quick run then depends on the machine's speed; the manifest records the steps done).
-DEFAULT_STEPS = dict(ae=2500, teacher=3000, ode=600, dmd=500)
+DEFAULT_STEPS = dict(ae=3000, teacher=3000, ode=600, dmd=500)
 NO_TIME_CAP = 1e9
 STREAM = "low-delay"                          # B = 1 latent, L = 4, N = 1, re-indexed anchor: 0.48 s look-ahead
 
@@ -273,7 +273,10 @@ def main(argv=None) -> int:
     ae = FrameAE(base)
     timings["ae"] = ae_stage.train_ae(ae, clips, minutes=minutes["ae"], max_steps=caps["ae"], seed=args.seed + 1,
                                       log=log)
-    ae_psnr = ae_stage.evaluate_ae(ae, clips)
+    ae_psnr_train = ae_stage.evaluate_ae(ae, clips)
+    from bench.quality import VAL_SEED0
+    ae_psnr = ae_stage.evaluate_ae(ae, make_clips(20 if not args.smoke else 2, 4.0, VAL_SEED0 + 1000,
+                                                  desc="autoencoder validation clips"))
     latent_mean, latent_std = ae_stage.code_statistics(ae, clips)
     rows_raw = logmel_rows(clips, base.logmel_bins)
     lm_mean, lm_std = logmel_stats(rows_raw, base.logmel_bins)
@@ -283,7 +286,7 @@ def main(argv=None) -> int:
     ae.latent_std.copy_(torch.tensor(latent_std))
     ae._stats = (latent_mean, latent_std)
     ae.eval().requires_grad_(False)
-    log(f"autoencoder: PSNR {ae_psnr:.2f} dB on training frames")
+    log(f"autoencoder: PSNR {ae_psnr:.2f} dB on unseen identities ({ae_psnr_train:.2f} dB on training frames)")
     latents = encode_latents(ae, clips)
     rows = normalise_rows(rows_raw, lm_mean, lm_std)
     batches = Batches(latents, rows, torch.Generator().manual_seed(args.seed + 2))
