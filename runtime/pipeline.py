@@ -203,11 +203,13 @@ class AvatarPipeline:
     # ------------------------------------------------------------------ entry points
     def session(self, image, stream: StreamConfig | str | None = None, text="", seed: int = 0,
                 fit: str = "error", engine: bool | None = None, compile: bool = False,
-                inference: bool = True) -> StreamSession:
+                inference: bool = True, backend: str = "torch", onnx_dir=None) -> StreamSession:
         """A streaming session for one reference image (see session.py). `engine`: run steady-state steps
-        through the static-shape engine (default: on CUDA); `compile`: torch.compile the engine's step."""
+        through the static-shape engine (default: on CUDA); `compile`: torch.compile the engine's step;
+        `backend="ort"`: run the DiT and decoder on the ONNX graphs in `onnx_dir` (export.build_engine)."""
         return StreamSession(self, image, stream=self._stream(stream), text=text, seed=seed, fit=fit,
-                             engine=engine, compile=compile, inference=inference)
+                             engine=engine, compile=compile, inference=inference, backend=backend,
+                             onnx_dir=onnx_dir)
 
     def generate(self, image, audio, stream: StreamConfig | str | None = None, audio_mode: str = "clip",
                  seed: int = 0, text="", fit: str = "error", num_latent_frames: int | None = None,

@@ -97,7 +97,7 @@ class StreamSession:
     def __init__(self, pipe, image, *, stream: StreamConfig, text="", seed: int = 0, fit: str = "error",
                  features: Tensor | None = None, num_latent_frames: int | None = None, noise: str = "stream",
                  frame_limit: int | None = None, engine: bool | None = None, compile: bool = False,
-                 inference: bool = True):
+                 inference: bool = True, backend: str = "torch", onnx_dir=None):
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         if noise not in ("stream", "official"):
@@ -121,6 +121,18 @@ class StreamSession:
         self.use_engine = (pipe.device.type == "cuda") if engine is None else bool(engine)
         self.compile_engine = compile
         self.engine = None
+        # backend "ort": the DiT calls and the decoder run on exported ONNX graphs (export/, `python -m
+        # export.build_engine`) through ONNX Runtime; same plan, caches and noise as the PyTorch path.
+        self.external_dit, self.decoder = None, pipe.decoder
+        if backend == "ort":
+            if onnx_dir is None:
+                raise ValueError("backend='ort' needs onnx_dir: a directory written by `python -m export.build_engine`")
+            from export.backend import ExportedDecoder, ExportedDiT       # optional extra: onnxruntime
+            self.external_dit = ExportedDiT.from_onnx(onnx_dir)
+            self.decoder = ExportedDecoder.from_onnx(onnx_dir)
+            self.use_engine = False
+        elif backend != "torch":
+            raise ValueError(f"backend={backend!r}: expected 'torch' or 'ort'")
         self.timings: dict[str, float] = defaultdict(float)
         with self._no_grad(), self._timed("setup"):
             self._encode_reference(image, fit)
@@ -144,8 +156,8 @@ class StreamSession:
         self.cache.reset()
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
         if getattr(self, "decode_cache", None) is None:
-            self.decode_cache = self.pipe.decoder.init_decode_cache(1, self.pipe.vae_dtype, self.device,
-                                                                    self.cfg.height, self.cfg.width)
+            self.decode_cache = self.decoder.init_decode_cache(1, self.pipe.vae_dtype, self.device,
+                                                               self.cfg.height, self.cfg.width)
         else:
             self.decode_cache.reset()          # same buffers: captured CUDA graphs stay valid
         self._engine_live = False              # whether the engine's window buffer holds the noisy blocks
@@ -353,9 +365,19 @@ class StreamSession:
             if ring[1] else None
         kernels = self.pipe.dit.use_kernels
         t = torch.tensor([pp.timesteps], dtype=torch.float32, device=self.device)
-        flow = self.pipe.dit(x, self._y(frames), t, audio, self.context_kv, rope,
-                             prefix=lambda i: self.cache.prefix(i, anchor_rope, ring_rope, ring, kernels),
-                             kv_sink=sink)
+        if self.external_dit is not None:
+            flow = self.external_dit(
+                x, self._y(frames), t, audio, self.context_kv, cache=self.cache,
+                frames=[pp.relative(f) for f in pp.frames],
+                anchor=pp.relative(pp.anchor_position) if self.stream.use_style_anchor else None,
+                ring=[pp.relative(f) if f is not None and f in pp.history else None for f in self.cache.slot_frame],
+                kv_sink=sink)
+            if flow is None:              # a steady cache pass: the graph computed only the K/V it hands the sink
+                return None
+        else:
+            flow = self.pipe.dit(x, self._y(frames), t, audio, self.context_kv, rope,
+                                 prefix=lambda i: self.cache.prefix(i, anchor_rope, ring_rope, ring, kernels),
+                                 kv_sink=sink)
         sigma = torch.tensor([sigma_for(s, self.stream.shift) for s in pp.timesteps], dtype=torch.float64,
                              device=self.device).view(1, 1, frames, 1, 1)
         return (x.double() - sigma * flow.double()).to(self.dtype)
@@ -366,7 +388,11 @@ class StreamSession:
         y = torch.cat([self.z_ref, torch.zeros_like(self.z_ref[:, :1])], dim=1)
         t = torch.zeros(1, 1, device=self.device)
         audio = audio_rows.to(device=self.device, dtype=self.dtype).reshape(1, -1, self.cfg.audio_input_dim)
-        self.pipe.dit(self.z_ref, y, t, audio, self.context_kv, rope, kv_sink=self.cache.write_anchor)
+        if self.external_dit is not None:
+            self.external_dit(self.z_ref, y, t, audio, self.context_kv, cache=self.cache, frames=[0], anchor=None,
+                              ring=[None] * self.cache.capacity, kv_sink=self.cache.write_anchor)
+        else:
+            self.pipe.dit(self.z_ref, y, t, audio, self.context_kv, rope, kv_sink=self.cache.write_anchor)
         self._anchor_done = True
 
     # ------------------------------------------------------------------ helpers
@@ -417,7 +443,7 @@ class StreamSession:
 
     def _decode(self, latents: Tensor) -> Tensor:
         with self._timed("decode"), self._no_grad():
-            video = self.pipe.decoder.decode_step(latents.to(self.pipe.vae_dtype), self.decode_cache)
+            video = self.decoder.decode_step(latents.to(self.pipe.vae_dtype), self.decode_cache)
             return frames_to_uint8(video).cpu()
 
     @contextmanager
