@@ -74,3 +74,24 @@ def test_cli_demo_writes_a_25fps_mp4_with_audio(tmp_path, capsys):
     assert audio["codec"] == "aac"
     frames, fps = read_video(out)
     assert frames.shape[0] == video["frames"] == 1 + -(-110832 // 640)       # the shipped clip: 110,832 samples
+
+
+def test_from_pretrained_reads_the_official_layout(tmp_path):
+    """A tiny checkpoint set in the official download layout: DiT (LoRA, model.pt) and VAE load; the
+    missing encoders are random, with a warning that names them."""
+    from test_weights import official
+    src = AvatarPipeline.from_preset("tiny", seed=5)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"generator": official(src.dit.state_dict(), rank=4)}, tmp_path / "checkpoints" / "model.pt")
+    wan = tmp_path / "wan_models" / "Wan2.1-T2V-1.3B"
+    wan.mkdir(parents=True)
+    torch.save(src.vae.state_dict(), wan / "Wan2.1_VAE.pth")
+    with pytest.warns(UserWarning, match="audio, text"):
+        pipe = AvatarPipeline.from_pretrained(tmp_path, preset="tiny", device="cpu", dtype=torch.float32,
+                                              lora_alpha=2.0)
+    assert set(pipe.random_components) == {"audio", "text"}
+    assert torch.equal(pipe.vae.decoder.head[2].weight, src.vae.decoder.head[2].weight)
+    q = "blocks.1.self_attn.q"
+    assert not torch.equal(pipe.dit.get_submodule(q).weight, src.dit.get_submodule(q).weight)   # LoRA merged in
+    frames = pipe.generate(np.zeros((32, 48, 3), np.uint8), np.zeros(6400, np.float32), audio_mode="stream")
+    assert frames.shape == (11, 32, 48, 3)
