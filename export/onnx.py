@@ -235,8 +235,8 @@ def time_sinusoid(t: Tensor, freq_dim: int, dtype: torch.dtype) -> Tensor:
 class DiTGraph(nn.Module):
     """One DiT call with explicit state: the runtime's blocks, fed the graph inputs of `spec` by name.
 
-    Same block loop as `AvatarDiT.forward`; only the time embedding starts from the host-computed sinusoid and the
-    prefix K/V are rotated here from the pre-RoPE cache (what `DualAnchorCache.prefix` does in the session).
+    `AvatarDiT.forward` itself, with the time embedding started from the host-computed sinusoid and the prefix K/V
+    rotated here from the pre-RoPE cache (what `DualAnchorCache.prefix` does in the session).
     """
 
     def __init__(self, dit: AvatarDiT, spec: GraphSpec):
@@ -249,24 +249,16 @@ class DiTGraph(nn.Module):
         dit, cfg = self.dit, self.dit.cfg
         e = dit.time_embedding(a["t_sinusoid"])                              # [1, F, C]
         e0 = dit.time_projection(e).unflatten(-1, (6, cfg.dim))              # [1, F, 6, C]
-        tokens = dit.patchify(a["x"], a["y"])                                # [1, F * S_f, C]
-        audio = dit.audio_tokens(a["audio"])
-        rope = (a["rope_cos"], a["rope_sin"])
         mask = None
         if self.opts["masked"]:
             # [S_q, S_k]: ONNX Runtime 1.32's Attention rejects a mask broadcast over the queries
-            mask = a["key_mask"].unsqueeze(0).expand(tokens.shape[1], -1)
+            mask = a["key_mask"].unsqueeze(0).expand(a["x"].shape[2] * cfg.tokens_per_frame, -1)
         ks, vs = [], []
-        for i, block in enumerate(dit.blocks):
-            j = dit.audio_layer(i, len(dit.blocks))
-            tokens, k, v = block(tokens, e0, rope, (a["context_k"][i], a["context_v"][i]), self._prefix(a, i),
-                                 mask, audio[j] if j is not None else None)
-            ks.append(k)
-            vs.append(v)
-        outs = []
-        if self.opts["flow"]:
-            grid = (a["x"].shape[2], *cfg.grid_hw)
-            outs.append(dit.unpatchify(dit.head(tokens, e), grid))
+        context = [(a["context_k"][i], a["context_v"][i]) for i in range(cfg.num_layers)]
+        flow = dit(a["x"], a["y"], None, a["audio"], context, (a["rope_cos"], a["rope_sin"]),
+                   prefix=lambda i: self._prefix(a, i), kv_sink=lambda i, k, v: (ks.append(k), vs.append(v)),
+                   mask=mask, time_embeddings=(e, e0))
+        outs = [flow] if self.opts["flow"] else []                           # unused outputs are pruned
         if self.opts["kv"]:
             outs += [torch.stack(ks), torch.stack(vs)]                       # [N_L, 1, F * S_f, N_h, D]
         return tuple(outs)

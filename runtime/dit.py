@@ -291,17 +291,20 @@ class AvatarDiT(nn.Module):
         pt, ph, pw = self.cfg.patch_size
         f, gh, gw = grid
         c = self.cfg.out_dim
-        u = out.reshape(out.shape[0], f, gh, gw, pt, ph, pw, c)
-        return torch.einsum("bfhwpqrc->bcfphqwr", u).reshape(out.shape[0], c, f * pt, gh * ph, gw * pw)
+        u = out.reshape(out.shape[0], f, gh, gw, pt, ph, pw, c)                  # b f h w p q r c
+        # -> b c f p h q w r (a plain transpose; the official einsum, without an 8-D Einsum node in exports)
+        return u.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(out.shape[0], c, f * pt, gh * ph, gw * pw)
 
     def forward(self, x: Tensor, y: Tensor, t: Tensor, audio: Tensor, context_kv, rope,
                 prefix: Optional[KVPrefix] = None, kv_sink: Optional[KVSink] = None,
-                mask: Optional[Tensor] = None) -> Tensor:
-        """Flow prediction v [B, 16, F, h, w] for one window (see the module docstring for shapes)."""
+                mask: Optional[Tensor] = None, time_embeddings: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """Flow prediction v [B, 16, F, h, w] for one window (see the module docstring for shapes).
+        `time_embeddings` = (e, e0) computed elsewhere (an exported graph takes the float64 sinusoid from the host)
+        replaces `t`."""
         grid = (x.shape[2] // self.cfg.patch_size[0], x.shape[3] // self.cfg.patch_size[1],
                 x.shape[4] // self.cfg.patch_size[2])
         tokens = self.patchify(x, y)
-        e, e0 = self.time_embed(t)
+        e, e0 = time_embeddings if time_embeddings is not None else self.time_embed(t)
         audio_tok = self.audio_tokens(audio)
         kernels = self.use_kernels and mask is None
         for i, block in enumerate(self.blocks):

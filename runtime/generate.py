@@ -15,9 +15,18 @@ import warnings
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
+TOY = ASSETS / "toy"
 SAMPLE_IMAGE = ASSETS / "sample" / "face.png"
 SAMPLE_AUDIO = ASSETS / "sample" / "speech.wav"
-DEFAULT_PRESET = "tiny"
+# The shipped default: the trained toy-talker when its weights are in the repo, else the random tiny preset.
+DEFAULT_PRESET = "toy-talker" if (TOY / "toy-talker.safetensors").is_file() else "tiny"
+
+
+def default_inputs(preset: str) -> tuple[Path, Path]:
+    """The sample image and speech for a preset: the toy-talker's own reference face and clip, or the generic ones."""
+    if preset == "toy-talker":
+        return TOY / "ref_0.png", TOY / "hello.wav"
+    return SAMPLE_IMAGE, SAMPLE_AUDIO
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # model
     p.add_argument("--preset", default=None, help=f"model preset (default {DEFAULT_PRESET}, or wan-1.3b with --weights)")
     p.add_argument("--weights", help="directory in the official download layout (see README 'Real weights')")
-    p.add_argument("--stream", default="official", help="stream preset: official, relative, low-delay")
+    p.add_argument("--stream", default=None,
+                   help="stream preset: official, relative, low-delay (default: the model's own; official for Wan)")
     p.add_argument("--audio-mode", default="stream", choices=["stream", "clip"],
                    help="stream: live incremental features; clip: whole-clip features (official, offline)")
     # execution
@@ -77,9 +87,11 @@ def run(args) -> Path:
         raise ValueError(f"--out must end in .mp4, got {out.name!r}")
     if not out.parent.exists():
         raise FileNotFoundError(f"output directory {out.parent} does not exist")
-    image = args.image or SAMPLE_IMAGE
-    fit = args.fit or ("crop" if args.image is None else "error")   # the shipped sample is square: crop it
-    pcm = load_audio(args.audio or SAMPLE_AUDIO)
+    preset = args.preset or ("wan-1.3b" if args.weights else DEFAULT_PRESET)
+    sample_image, sample_audio = default_inputs(preset)
+    image = args.image or sample_image
+    fit = args.fit or ("crop" if args.image is None else "error")   # the shipped samples fit by cropping
+    pcm = load_audio(args.audio or sample_audio)
     pipe = build_pipeline(args)
     cfg = pipe.config
     scale = args.scale or max(1, 256 // max(cfg.height, cfg.width))  # tiny presets are upscaled for viewing
