@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from bench import emit
 from bench.roofline import detect
 
 MAIN = dict(name="main", s_q=24960, anchor=1560, ring=3120)
@@ -142,11 +143,7 @@ def main(argv=None) -> int:
         print(f"{r['kernel']:<24}{r['impl']:<26}{r['ms']:>9.3f}{r['p20']:>9.3f}{r['p80']:>9.3f}"
               f"{r.get('tflops', 0):>10.1f}{r.get('gbps', 0):>9.0f}{pct:>9}")
     result = dict(bench="kernels", gpu=gpu, dtype=args.dtype, torch=torch.__version__, rows=rows)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=1)
-    print(json.dumps(result))
-    return 0
+    return emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ A table, then one JSON line last. Timings are measurements of this run only.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench import emit
 from bench.roofline import detect
 from runtime import AvatarPipeline, StreamConfig
 from runtime.scheduler import step_plan
@@ -319,11 +319,7 @@ def main(argv=None) -> int:
     if args.sessions > 1:
         result.update(sessions_run(pipe, image, stream, args, args.sessions, pcm))
     print_table(result)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=1)
-    print(json.dumps(result))
-    return 0
+    return emit(result, args.json_out)
 
 
 def print_table(r: dict) -> None:

@@ -23,7 +23,6 @@ if not torch.cuda.is_available():                  # the kernels read this when 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -31,6 +30,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from bench import emit  # noqa: E402
 from bench.latency import speech  # noqa: E402
 from runtime import AvatarPipeline  # noqa: E402
 
@@ -149,11 +149,7 @@ def main(argv=None) -> int:
             continue
         print(f"{name:<11}{r['latent_max_abs']:>16.3g}{r['latent_psnr_min']:>17.1f}{r['pixel_max_abs']:>15.0f}"
               f"{str(r['frames_equal']):>14}{r['seconds']:>9.1f}")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=1)
-    print(json.dumps(result))
-    return 0
+    return emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,13 @@ A table, then one JSON line last. Swap `Probe` for SyncNet / ArcFace where real 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import numpy as np
 import torch
+
+from bench import emit
 from torch import nn
 
 VAL_SEED0 = 100_000
@@ -174,11 +175,7 @@ def main(argv=None) -> int:
         result["ablation_seconds"] = args.ablation_seconds
     result["seconds_total"] = round(time.perf_counter() - t0, 1)
     print_table(result)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=1)
-    print(json.dumps(result))
-    return 0
+    return emit(result, args.json_out)
 
 
 def print_table(r: dict) -> None:

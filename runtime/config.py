@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # Wan 2.1 VAE latent statistics (WanVAE.__init__): z_norm = (mu - mean) / std.

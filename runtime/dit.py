@@ -96,7 +96,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) ->
     return out.transpose(1, 2)
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """q, k, v, o linears and the q/k RMSNorms shared by self- and cross-attention (Wan's key names)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         dim = cfg.dim
@@ -105,6 +107,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
+
+class SelfAttention(_Projections):
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k after RMSNorm (before RoPE) and v, each [B, S, N_h, D]."""
         shape = (*x.shape[:2], self.num_heads, self.head_dim)
@@ -140,16 +144,8 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2)), k_pre, v
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Text cross-attention; K/V depend only on the text, so `context_kv` is computed once per session."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        dim = cfg.dim
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
     def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
         shape = (*context.shape[:2], self.num_heads, self.head_dim)

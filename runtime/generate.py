@@ -78,7 +78,6 @@ def build_pipeline(args):
 
 
 def run(args) -> Path:
-    import torch
     from tqdm import tqdm
 
     from .media import Mp4Writer, load_audio

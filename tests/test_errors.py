@@ -1,8 +1,6 @@
 """Bad input through the public API and the CLI: a clear error naming the problem, never a hang, a deep
 torch traceback or a half-written output file."""
-import io
 import wave
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -79,7 +79,6 @@ def ode_example(traj: dict, ref: Tensor, audio: Tensor, levels: list[float], his
     "tail": full history, k < L frames at the first k levels (the windows after the audio ends)."""
     L = len(levels)
     states, x0 = traj["states"], traj["x0"]                         # [L, B, 16, H + L, h, w], [B, 16, H + L, h, w]
-    B = x0.shape[0]
     frames = L if kind == "steady" else int(torch.randint(1, L, ()).item())
     if kind == "rampup":
         order = list(range(frames - 1, -1, -1))                     # oldest at level k-1 ... newest at level 0
