@@ -30,7 +30,7 @@ from .dit import Prefix
 from .media import frames_to_uint8
 from .rope import Rope, axis_pairs, axis_tables, inv_freqs
 from .scheduler import sigma_for, step_plan
-from .session import PINNED_SLOTS
+from .session import PINNED_SLOTS, _state_tensors
 
 
 
@@ -213,7 +213,7 @@ class Engine:
     def _decode_step(self) -> None:
         s = self.s
         dec = s.pipe.decoder
-        tensors = _decoder_state(s.decode_cache)
+        tensors = _state_tensors(s.decode_cache)
         frames, new = _decoder_forward(dec, self.z_static.to(s.pipe.vae_dtype), list(tensors))
         for old, fresh in zip(tensors, new):
             old.copy_(fresh)
@@ -256,7 +256,7 @@ class Engine:
 
     def _snapshot(self) -> list[tuple[Tensor, Tensor]]:
         s = self.s
-        state = [self.window, s.cache.ring_k, s.cache.ring_v, *_decoder_state(s.decode_cache)]
+        state = [self.window, s.cache.ring_k, s.cache.ring_v, *_state_tensors(s.decode_cache)]
         return [(t, t.clone()) for t in state]
 
     @staticmethod
@@ -303,11 +303,6 @@ def _rotate(use_kernels: bool):
         return lambda k, rope: rope_rotate(k, rope.axes)
     from .rope import apply_rope
     return lambda k, rope: apply_rope(k, *rope.full)
-
-
-def _decoder_state(cache) -> list[Tensor]:
-    """The state tensors of a decode cache (Wan VAE `tensors`, TAEHV `memories`, FrameAE none)."""
-    return getattr(cache, "tensors", None) or getattr(cache, "memories", None) or []
 
 
 def _decoder_forward(decoder, z: Tensor, state: list[Tensor]):

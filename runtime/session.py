@@ -258,8 +258,8 @@ class StreamSession:
                 break
             with self._no_grad():
                 block = self._run_step(sp)
-                if block is not None:
-                    items.append(self.engine.decode(block) if self._engine_live else self._decode(block))
+                if block is not None:         # on CUDA every block decodes through the engine's graph
+                    items.append(self.engine.decode(block) if self.engine is not None else self._decode(block))
                     if sum(not isinstance(i, Tensor) for i in items) >= PINNED_SLOTS - 1:
                         items = [i if isinstance(i, Tensor) else i.wait() for i in items]
             self.next_window += 1
@@ -443,7 +443,13 @@ class StreamSession:
 
     def _decode(self, latents: Tensor) -> Tensor:
         with self._timed("decode"), self._no_grad():
+            state = _state_tensors(self.decode_cache)
+            before = list(state)
             video = self.decoder.decode_step(latents.to(self.pipe.vae_dtype), self.decode_cache)
+            for i, (old, new) in enumerate(zip(before, state)):
+                if new is not old:        # keep the state in the same buffers (a captured decode graph reads them)
+                    old.copy_(new)
+                    state[i] = old
             return frames_to_uint8(video).cpu()
 
     @contextmanager
@@ -453,3 +459,11 @@ class StreamSession:
             yield
         finally:
             self.timings[stage] += time.perf_counter() - start
+
+
+def _state_tensors(cache) -> list:
+    """The list of state tensors of a decoder cache (Wan VAE `tensors`, TAEHV `memories`, FrameAE none)."""
+    for name in ("tensors", "memories"):
+        if isinstance(getattr(cache, name, None), list):
+            return getattr(cache, name)
+    return []
