@@ -134,20 +134,16 @@ class AvatarPipeline:
             model = model.to(device).eval().requires_grad_(False)
         else:
             model, _ = _build(AvatarDiT, cfg, device, dtype, seed), random_parts.append("dit")
-        codec = _build(WanVAE, cfg, device, dtype, None if paths["vae"] else seed + 1)
-        if paths["vae"]:
-            load_vae(codec, paths["vae"])
-            codec = codec.to(device=device, dtype=dtype)
-        else:
-            random_parts.append("vae")
-        decoder = None
-        if cfg.decoder == "taehv":
-            decoder = _build(TAEHV, cfg, device, dtype, None if paths["taehv"] else seed + 2)
-            if paths["taehv"]:
-                load_vae(decoder, paths["taehv"])
-                decoder = decoder.to(device=device, dtype=dtype)
-            else:
-                random_parts.append("decoder")
+        def codec_part(cls, file, seed_offset, name):
+            part = _build(cls, cfg, device, dtype, None if file else seed + seed_offset)
+            if not file:
+                random_parts.append(name)
+                return part
+            load_vae(part, file)
+            return part.to(device=device, dtype=dtype)
+
+        codec = codec_part(WanVAE, paths["vae"], 1, "vae")
+        decoder = codec_part(TAEHV, paths["taehv"], 2, "decoder") if cfg.decoder == "taehv" else None
         if paths["wav2vec"]:
             audio = Wav2Vec2Features.from_pretrained(paths["wav2vec"]).to(device)
         else:

@@ -133,3 +133,45 @@ def test_gpu_steady_step_has_no_host_sync(gpu_pipe, image):
             sess.engine.run(sp, audio)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_step_flops_equal_torch_flop_counter_at_full_size():
+    """The cost model behind bench.latency / bench.roofline: wan-1.3b, one 4-frame window over an anchor + 2-frame
+    ring prefix, on the meta device (no memory). torch's FlopCounterMode counts the matmuls and attention of the real
+    forward; step_flops must agree to 0.1% (it leaves out only elementwise work and the tiny AudioPack matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kernels.rope import rope_rotate_ref
+    from runtime.config import ModelConfig
+    from runtime.dit import AvatarDiT, Prefix
+    from runtime.rope import Rope
+    cfg, dev, frames = ModelConfig.preset("wan-1.3b"), "meta", 4
+    model = AvatarDiT(cfg).to(dev)
+    s, (h, w) = cfg.tokens_per_frame, cfg.latent_hw
+    x, y = torch.empty(1, 16, frames, h, w, device=dev), torch.empty(1, cfg.in_dim - 16, frames, h, w, device=dev)
+    audio = torch.empty(1, 4 * frames, cfg.audio_input_dim, device=dev)
+    ctx = model.context_kv(torch.empty(1, cfg.text_len, cfg.text_dim, device=dev))
+    k = torch.empty(1, s, cfg.num_heads, cfg.head_dim, device=dev)
+    ring = torch.empty(1, 2 * s, cfg.num_heads, cfg.head_dim, device=dev)
+    anchor_rope, ring_rope = Rope([0], cfg.grid_hw, cfg.head_dim, dev), Rope([1, 2], cfg.grid_hw, cfg.head_dim, dev)
+    prefix = Prefix(anchor=(rope_rotate_ref(k, anchor_rope.axes), k), ring=(rope_rotate_ref(ring, ring_rope.axes), ring),
+                    ring_start=0, ring_len=2 * s)
+    t = torch.full((1, frames), 500.0, device=dev)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, y, t, audio, ctx, Rope(list(range(3, 3 + frames)), cfg.grid_hw, cfg.head_dim, dev),
+              prefix=lambda i: prefix)
+    want = model.step_flops(frames * s, (3 + frames) * s, frames)
+    assert abs(counter.get_total_flops() / want - 1) < 1e-3, (counter.get_total_flops(), want)
+
+
+def test_roofline_floor_is_the_slower_of_compute_and_bandwidth(capsys):
+    from bench.roofline import PEAKS, main
+    assert main(["--preset", "tiny", "--streams", "official,low-delay"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert len(rows) == 2 * len(PEAKS)
+    for r in rows:
+        assert r["ms_per_frame"] == pytest.approx(sum(r["stages_ms"].values()) / r["frames_per_step"])
+    h100 = {r["stream"]: r for r in rows if r["gpu"] == "H100 SXM"}
+    assert h100["official"]["frames_per_step"] == 16 and h100["low-delay"]["frames_per_step"] == 4
+    assert PEAKS["H100 SXM"].floor_ms(989e12, 1.0) == pytest.approx(1e3)            # compute-bound: 1 s of FLOPs
+    assert PEAKS["H100 SXM"].floor_ms(1.0, 3.35e12) == pytest.approx(1e3)           # bandwidth-bound: 1 s of bytes
