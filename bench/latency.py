@@ -37,6 +37,7 @@ from bench import emit
 from bench.roofline import detect
 from runtime import AvatarPipeline, StreamConfig
 from runtime.scheduler import step_plan
+from runtime.tiny_decoder import taehv_decode_flops
 from runtime.vae import vae_decode_flops
 
 
@@ -80,6 +81,13 @@ def speech(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- cost model
+def decode_flops_per_latent(cfg) -> int:
+    """Convolution FLOPs of decoding one steady latent frame with the configured decoder (0: not counted)."""
+    if cfg.decoder == "taehv":
+        return taehv_decode_flops(cfg)
+    return vae_decode_flops(cfg, first=False) if cfg.vae == "wan" else 0
+
+
 def step_cost(pipe, stream: StreamConfig) -> dict:
     """FLOPs and bytes of one steady step, per stage (matmul FLOPs; weights read once per pass, KV read once)."""
     cfg, dit = pipe.config, pipe.dit
@@ -93,7 +101,7 @@ def step_cost(pipe, stream: StreamConfig) -> dict:
     return {
         "dit_main": dict(flops=N * dit.step_flops(q_main, prefix + q_main, L * B), bytes=N * (weights + kv(q_main))),
         "dit_cache": dict(flops=dit.step_flops(q_cache, prefix + q_cache, B), bytes=weights + kv(q_cache)),
-        "decode": dict(flops=B * vae_decode_flops(cfg, first=False) if cfg.vae == "wan" else 0,
+        "decode": dict(flops=B * decode_flops_per_latent(cfg),
                        bytes=sum(p.numel() for p in pipe.decoder.parameters()) * elt * B),
     }
 

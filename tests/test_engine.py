@@ -173,5 +173,11 @@ def test_roofline_floor_is_the_slower_of_compute_and_bandwidth(capsys):
         assert r["ms_per_frame"] == pytest.approx(sum(r["stages_ms"].values()) / r["frames_per_step"])
     h100 = {r["stream"]: r for r in rows if r["gpu"] == "H100 SXM"}
     assert h100["official"]["frames_per_step"] == 16 and h100["low-delay"]["frames_per_step"] == 4
+    main(["--preset", "wan-1.3b", "--streams", "low-delay", "--decoder", "taehv"])
+    taehv = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    main(["--preset", "wan-1.3b", "--streams", "low-delay", "--decoder", "vae"])
+    vae = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert 0 < taehv[0]["stages_ms"]["decode"] < vae[0]["stages_ms"]["decode"]      # the decoder choice is counted
+    assert taehv[0]["stages_ms"]["dit_main"] == vae[0]["stages_ms"]["dit_main"]
     assert PEAKS["H100 SXM"].floor_ms(989e12, 1.0) == pytest.approx(1e3)            # compute-bound: 1 s of FLOPs
     assert PEAKS["H100 SXM"].floor_ms(1.0, 3.35e12) == pytest.approx(1e3)           # bandwidth-bound: 1 s of bytes
