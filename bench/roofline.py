@@ -49,7 +49,8 @@ def detect(device_name: str | None = None) -> Peak | None:
     return None
 
 
-def floors(preset: str = "wan-1.3b", streams=("official", "relative", "low-delay"), decoder: str | None = None) -> list[dict]:
+def floors(preset: str = "wan-1.3b", streams=("official", "relative", "low-delay"),
+           decoder: str | None = None) -> list[dict]:
     """Per stream preset and GPU: the ms/frame floor of one steady step (DiT main + cache pass + decode), from the
     FLOPs and bytes counted on the meta device in bf16 (nothing is allocated)."""
     import torch

@@ -134,6 +134,7 @@ class AvatarPipeline:
             model = model.to(device).eval().requires_grad_(False)
         else:
             model, _ = _build(AvatarDiT, cfg, device, dtype, seed), random_parts.append("dit")
+
         def codec_part(cls, file, seed_offset, name):
             part = _build(cls, cfg, device, dtype, None if file else seed + seed_offset)
             if not file:

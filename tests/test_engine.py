@@ -154,8 +154,8 @@ def test_step_flops_equal_torch_flop_counter_at_full_size():
     k = torch.empty(1, s, cfg.num_heads, cfg.head_dim, device=dev)
     ring = torch.empty(1, 2 * s, cfg.num_heads, cfg.head_dim, device=dev)
     anchor_rope, ring_rope = Rope([0], cfg.grid_hw, cfg.head_dim, dev), Rope([1, 2], cfg.grid_hw, cfg.head_dim, dev)
-    prefix = Prefix(anchor=(rope_rotate_ref(k, anchor_rope.axes), k), ring=(rope_rotate_ref(ring, ring_rope.axes), ring),
-                    ring_start=0, ring_len=2 * s)
+    prefix = Prefix(anchor=(rope_rotate_ref(k, anchor_rope.axes), k),
+                    ring=(rope_rotate_ref(ring, ring_rope.axes), ring), ring_start=0, ring_len=2 * s)
     t = torch.full((1, frames), 500.0, device=dev)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, y, t, audio, ctx, Rope(list(range(3, 3 + frames)), cfg.grid_hw, cfg.head_dim, dev),
