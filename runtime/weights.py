@@ -82,7 +82,8 @@ def read_file(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     size = path.stat().st_size
-    head = path.read_bytes()[:8] if size >= 8 else b""
+    with open(path, "rb") as f:
+        head = f.read(8)                     # the magic only: checkpoints are GBs
     try:
         if head[:2] == b"PK" or head[:1] == b"\x80":            # torch zip or legacy pickle
             return torch.load(path, map_location="cpu", mmap=head[:2] == b"PK", weights_only=True)
