@@ -47,7 +47,9 @@ from torch import Tensor, nn
 from runtime.config import ModelConfig, StreamConfig, load_json, save_json
 from runtime.dit import AvatarDiT, sinusoidal_embedding
 from runtime.rope import apply_rope, grid_positions, rope_cos_sin
-from runtime.tiny_decoder import FRAMES_TO_TRIM, TAEHV
+from runtime.engine import decoder_call
+from runtime.session import decoder_state
+from runtime.tiny_decoder import TAEHV
 
 try:
     import onnx
@@ -140,7 +142,7 @@ def graph_specs(cfg: ModelConfig, stream: StreamConfig, dtype: torch.dtype = tor
         _dit_spec("dit_masked", cfg, dtype, F, W, anchor, masked=True, flow=True, kv=True),
     ]
     decoder = decoder if decoder is not None else _meta_decoder(cfg)
-    state = decoder_state(decoder.init_decode_cache(1, dtype, "meta", cfg.height, cfg.width))
+    state = list(decoder_state(decoder.init_decode_cache(1, dtype, "meta", cfg.height, cfg.width)))
     for name, first in (("vae_first", True), ("vae_step", False)):
         specs.append(_decoder_spec(name, cfg, dtype, [tuple(t.shape) for t in state], first, type(decoder).__name__))
     if cfg.num_audio_projs:                    # a model under 4 layers injects no audio
@@ -217,14 +219,6 @@ def _meta_decoder(cfg: ModelConfig) -> nn.Module:
         return TAEHV(cfg) if cfg.decoder == "taehv" else codec_class(cfg)(cfg)
 
 
-def decoder_state(cache) -> list[Tensor]:
-    """The state tensors of any decoder's cache: Wan VAE `tensors`, TAEHV `memories`, FrameAE none."""
-    for attr in ("tensors", "memories"):
-        if hasattr(cache, attr):
-            return list(getattr(cache, attr))
-    return []
-
-
 # ------------------------------------------------------------------------------------------------ wrappers
 def time_sinusoid(t: Tensor, freq_dim: int, dtype: torch.dtype) -> Tensor:
     """Per-frame timesteps [1, F] -> the sinusoid [1, F, freq_dim] in `dtype`: float64 on the host, then cast,
@@ -275,15 +269,6 @@ class DiTGraph(nn.Module):
         if not ks:
             return None
         return (torch.cat(ks, 1), torch.cat(vs, 1)) if len(ks) > 1 else (ks[0], vs[0])
-
-
-def decoder_call(decoder: nn.Module, z: Tensor, state: list[Tensor], first: bool) -> tuple[Tensor, list[Tensor]]:
-    """One decoder step as a pure function: (frames [B, 3, n, H, W] in [-1, 1], new state). TAEHV's first step
-    drops its startup frames here, so every decoder's first latent yields one frame."""
-    if isinstance(decoder, TAEHV):
-        frames, new = decoder(z, state)
-        return (frames[:, :, FRAMES_TO_TRIM:] if first else frames), new
-    return decoder(z, state, first)                          # WanVAE, FrameAE
 
 
 class DecoderGraph(nn.Module):

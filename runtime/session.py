@@ -443,7 +443,7 @@ class StreamSession:
 
     def _decode(self, latents: Tensor) -> Tensor:
         with self._timed("decode"), self._no_grad():
-            state = _state_tensors(self.decode_cache)
+            state = decoder_state(self.decode_cache)
             before = list(state)
             video = self.decoder.decode_step(latents.to(self.pipe.vae_dtype), self.decode_cache)
             for i, (old, new) in enumerate(zip(before, state)):
@@ -461,7 +461,7 @@ class StreamSession:
             self.timings[stage] += time.perf_counter() - start
 
 
-def _state_tensors(cache) -> list:
+def decoder_state(cache) -> list:
     """The list of state tensors of a decoder cache (Wan VAE `tensors`, TAEHV `memories`, FrameAE none)."""
     for name in ("tensors", "memories"):
         if isinstance(getattr(cache, name, None), list):
