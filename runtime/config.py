@@ -12,6 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+# The toy-talker this project trains itself (train/toy.py) ships here: weights, config, reference faces, speech.
+TOY_ASSETS = Path(__file__).parent / "assets" / "toy"
+
 # Wan 2.1 VAE latent statistics (WanVAE.__init__): z_norm = (mu - mean) / std.
 WAN_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)

@@ -14,18 +14,19 @@ import sys
 import warnings
 from pathlib import Path
 
+from .config import TOY_ASSETS
+
 ASSETS = Path(__file__).parent / "assets"
-TOY = ASSETS / "toy"
 SAMPLE_IMAGE = ASSETS / "sample" / "face.png"
 SAMPLE_AUDIO = ASSETS / "sample" / "speech.wav"
 # The shipped default: the trained toy-talker when its weights are in the repo, else the random tiny preset.
-DEFAULT_PRESET = "toy-talker" if (TOY / "toy-talker.safetensors").is_file() else "tiny"
+DEFAULT_PRESET = "toy-talker" if (TOY_ASSETS / "toy-talker.safetensors").is_file() else "tiny"
 
 
 def default_inputs(preset: str) -> tuple[Path, Path]:
     """The sample image and speech for a preset: the toy-talker's own reference face and clip, or the generic ones."""
     if preset == "toy-talker":
-        return TOY / "ref_0.png", TOY / "hello.wav"
+        return TOY_ASSETS / "ref_0.png", TOY_ASSETS / "hello.wav"
     return SAMPLE_IMAGE, SAMPLE_AUDIO
 
 

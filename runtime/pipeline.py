@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .audio import LogMelFeatures, StreamingAudioFeatures, Wav2Vec2Features
-from .config import ModelConfig, StreamConfig
+from .config import TOY_ASSETS, ModelConfig, StreamConfig
 from .dit import AvatarDiT, init_random_
 from .frame_ae import FrameAE
 from .media import load_audio
@@ -34,8 +34,6 @@ from .vae import WanVAE
 
 # A random text encoder larger than this is not built (umT5-XXL would take ~23 GB); the context is zeros instead.
 MAX_RANDOM_TEXT_PARAMS = 200_000_000
-# The toy-talker this project trains itself (train/toy.py) ships here: weights, config, reference faces, speech.
-TOY_ASSETS = Path(__file__).parent / "assets" / "toy"
 
 
 def _build(cls, cfg: ModelConfig, device, dtype, seed: int | None) -> nn.Module:

@@ -476,7 +476,7 @@ TRACKS = ("mouth_open", "roundness", "blink", "pose")
 FORMAT = "toy-talker-synth/1"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -494,7 +494,7 @@ def _write_shard(out: Path, index: int, clips: list[Clip]) -> dict[str, str]:
     for key, arr in arrays.items():
         name = f"shard{index:04d}.{key}.npy"
         np.save(out / name, arr)
-        files[name] = _sha256(out / name)
+        files[name] = sha256_file(out / name)
     return files
 
 
@@ -538,7 +538,7 @@ def load_dataset(out_dir: str | Path, verify: bool = True) -> dict[str, np.ndarr
     manifest = json.loads((out / "manifest.json").read_text())
     if verify:
         for name, digest in manifest["files"].items():
-            if _sha256(out / name) != digest:
+            if sha256_file(out / name) != digest:
                 raise ValueError(f"{out / name} does not match its sha256 in manifest.json: rebuild the set")
     n_shards = 1 + manifest["clips"][-1]["shard"]
     data = {key: np.concatenate([np.load(out / f"shard{i:04d}.{key}.npy") for i in range(n_shards)])

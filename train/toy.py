@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import platform
 import random
@@ -34,16 +33,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from runtime.config import ModelConfig, StreamConfig
+from runtime.config import TOY_ASSETS, ModelConfig, StreamConfig
 from runtime.dit import AvatarDiT, init_random_
 from runtime.frame_ae import FrameAE
 
 from . import ae as ae_stage
 from .data import Batches, encode_latents, logmel_rows, logmel_stats, make_clips, normalise_rows
 from .distill import backfill, dmd_losses, ode_example, ode_loss, rollout_window, stream_sigmas
+from .synth import sha256_file
 from .teacher import EMA, TextEmbedding, cosine_lr, teacher_loss
 
-ASSETS = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "toy"
 # Stages run a fixed number of steps, so a run is deterministic per seed and thread count; --minutes-per-stage
 # adds a wall-clock cap (a quick run then depends on the machine's speed; the manifest records the steps done).
 DEFAULT_STEPS = dict(ae=3000, teacher=3000, ode=600, dmd=500)
@@ -63,10 +62,6 @@ def parse_minutes(text: str | None) -> dict:
             else:
                 minutes = {k: float(part) for k in minutes}
     return minutes
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -214,7 +209,7 @@ def save_model(out: Path, cfg: ModelConfig, stream: StreamConfig, dit, ae, text,
     tensors["text.context"] = text.context.detach()[0].half().contiguous()
     save_file(tensors, out / "toy-talker.safetensors")
     meta = dict(model=cfg.to_dict(), stream=stream.to_dict(), **extra)
-    meta["sha256"] = {"toy-talker.safetensors": sha256(out / "toy-talker.safetensors")}
+    meta["sha256"] = {"toy-talker.safetensors": sha256_file(out / "toy-talker.safetensors")}
     (out / "toy-talker.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -344,14 +339,15 @@ def main(argv=None) -> int:
         training=dict(command=" ".join(["python -m train.toy"] + (argv or sys.argv[1:])), seed=args.seed,
                       threads=args.threads, clips=args.clips, seconds=args.seconds, data_sha256=clips.sha256(),
                       espeak=_espeak_version(), torch=torch.__version__, platform=platform.platform())))
-    meta["sha256"] |= {f.name: sha256(f) for f in sorted(out.glob("ref_*.png"))} | {"hello.wav": sha256(out / "hello.wav")}
+    meta["sha256"] |= {f.name: sha256_file(f) for f in sorted(out.glob("ref_*.png"))}
+    meta["sha256"]["hello.wav"] = sha256_file(out / "hello.wav")
     (out / "toy-talker.json").write_text(json.dumps(meta, indent=1) + "\n")
     log(f"done in {timings['total']} s: {out / 'toy-talker.safetensors'}")
     if args.install:
-        ASSETS.mkdir(parents=True, exist_ok=True)
+        TOY_ASSETS.mkdir(parents=True, exist_ok=True)
         for f in ["toy-talker.safetensors", "toy-talker.json", "hello.wav", *[x.name for x in out.glob("ref_*.png")]]:
-            shutil.copy(out / f, ASSETS / f)
-        log(f"installed into {ASSETS}")
+            shutil.copy(out / f, TOY_ASSETS / f)
+        log(f"installed into {TOY_ASSETS}")
     return 0
 
 
