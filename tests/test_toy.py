@@ -69,9 +69,25 @@ def test_training_smoke_run(tmp_path):
     from train.toy import main
     assert main(["--out", str(tmp_path), "--smoke"]) == 0
     meta = json.loads((tmp_path / "toy-talker.json").read_text())
-    assert meta["shipped"] in ("ode", "dmd") and set(meta["metrics"]) == {"ode", "dmd"}
+    assert meta["shipped"] in ("ode", "dmd") and set(meta["metrics"]) == {"ode", "dmd", "shipped"}
+    assert meta["timings"]["decoder"]["steps"] == 20
     assert (tmp_path / "toy-talker.safetensors").stat().st_size <= 5 * 2 ** 20
     pipe = AvatarPipeline.from_toy(tmp_path)
     video = pipe.generate(np.asarray(load_image(tmp_path / "ref_0.png")), np.zeros(3200, np.float32),
                           audio_mode="stream")
     assert video.shape == (6, 64, 64, 3)
+
+
+@pytest.mark.slow
+def test_harden_decoder_step_equals_the_full_run(tmp_path):
+    """`--harden-decoder SRC` on a model trained without the decoder step writes the same weights as a full run."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): train.toy synthesises speech with it")
+    from train.toy import main
+    assert main(["--out", str(tmp_path / "full"), "--smoke"]) == 0
+    assert main(["--out", str(tmp_path / "before"), "--smoke", "--steps", "decoder=0"]) == 0
+    assert main(["--out", str(tmp_path / "after"), "--smoke", "--harden-decoder", str(tmp_path / "before")]) == 0
+    full, after = ((tmp_path / d / "toy-talker.safetensors").read_bytes() for d in ("full", "after"))
+    assert full == after
+    with pytest.raises(SystemExit, match="already hardened"):
+        main(["--out", str(tmp_path / "again"), "--smoke", "--harden-decoder", str(tmp_path / "after")])

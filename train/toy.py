@@ -2,17 +2,21 @@
 
     python -m train.toy --out DIR [--device cpu|cuda] [--minutes-per-stage ae=10,teacher=35,ode=10,dmd=12]
                         [--clips 600] [--seed 0] [--threads 2] [--install]
+    python -m train.toy --out DIR --harden-decoder SRC [--install]
 
 Stages (reference/toy-talker-plan.md is the measured plan this follows): synthetic data (train/synth.py) ->
 per-frame autoencoder (FrameAE) and latent / log-mel statistics -> bidirectional flow-matching teacher ->
 ODE backfill at the exact stream noise levels -> stage 1, ODE regression of the one-step student (one masked pass
 = the cached streaming computation) -> stage 2, DMD on rollouts of the runtime's StreamSession with a critic ->
 quality metrics of both students on unseen identities -> a gate that ships DMD only if it is at least as good as
-the ODE student on lip-sync at equal identity and does not add drift or flicker (else the ODE student ships).
+the ODE student on lip-sync at equal identity and does not add drift or flicker (else the ODE student ships) ->
+the decoder hardened against the DiT's latent noise (encoder frozen; `--harden-decoder SRC` runs only this step
+on a model trained before it existed).
 Every stage uses the runtime's own AvatarDiT, FrameAE, log-mel extractor, scheduler and session.
 
 Output: DIR/toy-talker.safetensors (fp16: DiT, autoencoder, text context), DIR/toy-talker.json (ModelConfig with
 the measured statistics, StreamConfig, metrics, timings, sha256 manifest), reference faces and a speech clip;
+DIR/stages/{teacher,ode,dmd}.pt keep the fp32 teacher (with its text context) and both students for inspection;
 `--install` copies them to runtime/assets/toy/. Deterministic per seed and thread count on one machine
 (espeak-ng's version and CPU float paths differ across machines; the manifest records both).
 """
@@ -45,7 +49,7 @@ from .teacher import EMA, TextEmbedding, cosine_lr, teacher_loss
 
 # Stages run a fixed number of steps, so a run is deterministic per seed and thread count; --minutes-per-stage
 # adds a wall-clock cap (a quick run then depends on the machine's speed; the manifest records the steps done).
-DEFAULT_STEPS = dict(ae=3000, teacher=3000, ode=600, dmd=500)
+DEFAULT_STEPS = dict(ae=3000, decoder=600, teacher=3000, ode=600, dmd=500)
 NO_TIME_CAP = 1e9
 STREAM = "low-delay"                          # B = 1 latent, L = 4, N = 1, re-indexed anchor: 0.48 s look-ahead
 
@@ -202,6 +206,39 @@ def gate(ode_m: dict, dmd_m: dict) -> tuple[str, str]:
     return ("dmd", "all checks passed") if not failed else ("ode", "DMD failed: " + ", ".join(failed))
 
 
+class Evaluation:
+    """The gate's yardstick: a probe trained on its own clips, 8 s streams of unseen identities for lip-sync,
+    identity and flicker, and 60 s streams for drift (bench/quality.py defines the metrics)."""
+
+    def __init__(self, clips: int, identities: int, smoke: bool):
+        from bench.quality import PROBE_SEED0, VAL_SEED0, train_probe
+        from train.synth import make_clip
+        self.probe, self.mean_emb = train_probe(make_clips(max(2, clips // 3), 4.0, PROBE_SEED0, desc="probe clips"))
+        self.val = [make_clip(VAL_SEED0 + i, 8.0) for i in range(identities)]
+        self.long = [make_clip(VAL_SEED0 + i, 8.0 if smoke else 60.0) for i in range(min(2, identities))]
+
+    def score(self, pipe, stream: StreamConfig) -> dict:
+        from bench.quality import evaluate
+        short = evaluate(pipe, stream, self.probe, self.mean_emb, self.val)
+        drift = evaluate(pipe, stream, self.probe, self.mean_emb, self.long)
+        return {**short, "de2000_last10": drift["de2000_last10"], "de2000_60s": drift["de2000"]}
+
+
+def ae_validation_clips(smoke: bool):
+    from bench.quality import VAL_SEED0
+    return make_clips(2 if smoke else 20, 4.0, VAL_SEED0 + 1000, desc="autoencoder validation clips")
+
+
+def finish_decoder(ae: FrameAE, clips, cfg: ModelConfig, steps: int, noise: float, seed: int, log) -> dict:
+    """Harden the decoder against latent noise (train/ae.py) as the very last training step, on the autoencoder
+    rounded to its shipped fp16 weights. The encoder is frozen and no DiT stage ran after it, so it changes nothing
+    the DiT learned, and `--harden-decoder SRC` applied to a shipped model gives the bytes a full run gives."""
+    with torch.no_grad():
+        for p in ae.parameters():
+            p.copy_(p.half().float())
+    return ae_stage.harden_decoder(ae, clips, cfg.latent_std, steps=steps, noise=noise, seed=seed, log=log)
+
+
 def save_model(out: Path, cfg: ModelConfig, stream: StreamConfig, dit, ae, text, extra: dict) -> dict:
     from safetensors.torch import save_file
     tensors = {f"dit.{k}": v.half().contiguous() for k, v in dit.state_dict().items()}
@@ -230,7 +267,13 @@ def main(argv=None) -> int:
     p.add_argument("--eval-identities", type=int, default=4)
     p.add_argument("--install", action="store_true", help="copy the result into runtime/assets/toy/")
     p.add_argument("--smoke", action="store_true", help="a few minutes end to end (tiny data and budgets)")
+    p.add_argument("--decoder-noise", type=float, default=0.2,
+                   help="code noise of the decoder step, in units of each code channel's std (default 0.2)")
+    p.add_argument("--harden-decoder", metavar="SRC", default=None,
+                   help="only the last step: harden the decoder of the toy-talker in SRC (its training clips are "
+                        "regenerated from its manifest) and write the result to --out")
     args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.device == "cuda":
         raise SystemExit("train.toy: the stages run on the CPU in this version (--device cuda is not wired yet)")
     minutes = parse_minutes(args.minutes_per_stage)
@@ -242,7 +285,7 @@ def main(argv=None) -> int:
         caps[k] = int(v)
     if args.smoke:
         minutes = {k: min(v, 0.5) for k, v in minutes.items()}
-        caps = {k: 20 for k in caps}
+        caps = {k: min(v, 20) for k, v in caps.items()}
         args.clips, args.trajectories, args.eval_identities = 12, 32, 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -251,6 +294,9 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, file=sys.stderr)
         print(msg, file=log_file, flush=True)
+
+    if args.harden_decoder:
+        return harden_trained(Path(args.harden_decoder), out, caps["decoder"], args, log)
 
     seed_everything(args.seed, args.threads)
     timings, t_all = {}, time.perf_counter()
@@ -269,9 +315,8 @@ def main(argv=None) -> int:
     timings["ae"] = ae_stage.train_ae(ae, clips, minutes=minutes["ae"], max_steps=caps["ae"], seed=args.seed + 1,
                                       log=log)
     ae_psnr_train = ae_stage.evaluate_ae(ae, clips)
-    from bench.quality import VAL_SEED0
-    ae_psnr = ae_stage.evaluate_ae(ae, make_clips(20 if not args.smoke else 2, 4.0, VAL_SEED0 + 1000,
-                                                  desc="autoencoder validation clips"))
+    ae_val = ae_validation_clips(args.smoke)
+    ae_psnr = ae_stage.evaluate_ae(ae, ae_val)
     latent_mean, latent_std = ae_stage.code_statistics(ae, clips)
     rows_raw = logmel_rows(clips, base.logmel_bins)
     lm_mean, lm_std = logmel_stats(rows_raw, base.logmel_bins)
@@ -293,6 +338,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     traj = run_backfill(teacher, text, batches, levels, minutes["backfill"], args.trajectories, args.seed + 4, log)
     timings["backfill"] = round(time.perf_counter() - t0, 1)
+    stages = out / "stages"
+    stages.mkdir(exist_ok=True)
+    torch.save({"dit": teacher.state_dict(), "text": text.state_dict()}, stages / "teacher.pt")
     ode_student, timings["ode"] = train_ode(teacher, text, traj, levels, minutes["ode"], caps["ode"],
                                             args.seed + 5, log)
 
@@ -307,25 +355,29 @@ def main(argv=None) -> int:
     dmd_student, timings["dmd"] = train_dmd(ode_student, teacher, text, make_pipe, clips, rows, stream,
                                             minutes["dmd"], caps["dmd"], args.seed + 6, log)
 
+    for name, dit in (("ode", ode_student), ("dmd", dmd_student)):
+        torch.save({"dit": dit.state_dict()}, stages / f"{name}.pt")
+
     # -- metrics and the gate --
-    from bench.quality import PROBE_SEED0, VAL_SEED0, evaluate, train_probe
-    from train.synth import make_clip
     t0 = time.perf_counter()
-    probe, mean_emb = train_probe(make_clips(max(2, args.clips // 3), 4.0, PROBE_SEED0, desc="probe clips"))
-    val = [make_clip(VAL_SEED0 + i, 8.0) for i in range(args.eval_identities)]
-    long = [make_clip(VAL_SEED0 + i, 60.0 if not args.smoke else 8.0) for i in range(min(2, args.eval_identities))]
+    evaluation = Evaluation(args.clips, args.eval_identities, args.smoke)
     scores = {}
     for name, dit in (("ode", ode_student), ("dmd", dmd_student)):
-        short = evaluate(make_pipe(dit), stream, probe, mean_emb, val)
-        drift = evaluate(make_pipe(dit), stream, probe, mean_emb, long)
-        scores[name] = {**short, "de2000_last10": drift["de2000_last10"], "de2000_60s": drift["de2000"]}
+        scores[name] = evaluation.score(make_pipe(dit), stream)
         log(f"{name} student: {scores[name]}")
     choice, reason = gate(scores["ode"], scores["dmd"])
     timings["metrics"] = round(time.perf_counter() - t0, 1)
     log(f"gate: ship {choice} ({reason})")
+    shipped = ode_student if choice == "ode" else dmd_student
+
+    # -- the decoder, hardened last (see finish_decoder) --
+    timings["decoder"] = finish_decoder(ae, clips, cfg, caps["decoder"], args.decoder_noise, args.seed + 7, log)
+    ae_psnr = ae_stage.evaluate_ae(ae, ae_val)
+    scores["shipped"] = evaluation.score(make_pipe(shipped), stream)
+    log(f"shipped ({choice} student, hardened decoder): {scores['shipped']}; autoencoder PSNR {ae_psnr:.2f} dB")
 
     # -- ship --
-    shipped = ode_student if choice == "ode" else dmd_student
+    val = evaluation.val
     for i, c in enumerate(val[:4]):
         from PIL import Image
         Image.fromarray(c.frames[0]).save(out / f"ref_{i}.png")
@@ -336,7 +388,7 @@ def main(argv=None) -> int:
     timings["total"] = round(time.perf_counter() - t_all, 1)
     meta = save_model(out, cfg, stream, shipped, ae, text, dict(
         shipped=choice, gate=reason, metrics=scores, autoencoder_psnr_db=round(ae_psnr, 2), timings=timings,
-        training=dict(command=" ".join(["python -m train.toy"] + (argv or sys.argv[1:])), seed=args.seed,
+        training=dict(command=" ".join(["python -m train.toy"] + args.argv), seed=args.seed,
                       threads=args.threads, clips=args.clips, seconds=args.seconds, data_sha256=clips.sha256(),
                       espeak=_espeak_version(), torch=torch.__version__, platform=platform.platform())))
     meta["sha256"] |= {f.name: sha256_file(f) for f in sorted(out.glob("ref_*.png"))}
@@ -344,10 +396,58 @@ def main(argv=None) -> int:
     (out / "toy-talker.json").write_text(json.dumps(meta, indent=1) + "\n")
     log(f"done in {timings['total']} s: {out / 'toy-talker.safetensors'}")
     if args.install:
-        TOY_ASSETS.mkdir(parents=True, exist_ok=True)
-        for f in ["toy-talker.safetensors", "toy-talker.json", "hello.wav", *[x.name for x in out.glob("ref_*.png")]]:
-            shutil.copy(out / f, TOY_ASSETS / f)
-        log(f"installed into {TOY_ASSETS}")
+        install(out, log)
+    return 0
+
+
+def install(out: Path, log) -> None:
+    TOY_ASSETS.mkdir(parents=True, exist_ok=True)
+    for f in ["toy-talker.safetensors", "toy-talker.json", "hello.wav", *[x.name for x in out.glob("ref_*.png")]]:
+        shutil.copy(out / f, TOY_ASSETS / f)
+    log(f"installed into {TOY_ASSETS}")
+
+
+def harden_trained(src: Path, out: Path, steps: int, args, log) -> int:
+    """`--harden-decoder SRC`: finish_decoder on an already trained toy-talker, with the seed, thread count and
+    training clips its manifest records (the same computation as the last step of a full run), then re-measure
+    and write a complete toy-talker to `out`."""
+    import types
+
+    from runtime.pipeline import AvatarPipeline
+    meta = json.loads((src / "toy-talker.json").read_text())
+    if meta["timings"].get("decoder", {}).get("steps", 0) > 0:
+        raise SystemExit(f"train.toy: the decoder in {src} is already hardened (its manifest records the step: "
+                         f"{meta['timings']['decoder']}); run --harden-decoder on the model as its training wrote it")
+    training = meta["training"]
+    seed_everything(training["seed"], training["threads"])
+    pipe = AvatarPipeline.from_toy(src)
+    cfg, stream, ae = pipe.config, pipe.default_stream, pipe.vae
+    clips = make_clips(training["clips"], training["seconds"], seed0=training["seed"] * 1_000_000,
+                       desc="training clips")
+    if clips.sha256() != training["data_sha256"]:
+        log("warning: the regenerated training clips differ from the ones the model was trained on (another "
+            "espeak-ng version?); the decoder is hardened on these instead")
+    t0 = time.perf_counter()
+    info = finish_decoder(ae, clips, cfg, steps, args.decoder_noise, training["seed"] + 7, log)
+    psnr = ae_stage.evaluate_ae(ae, ae_validation_clips(args.smoke))
+    evaluation = Evaluation(training["clips"], args.eval_identities, args.smoke)
+    scores = dict(meta["metrics"], shipped=evaluation.score(pipe, stream))
+    log(f"shipped ({meta['shipped']} student, hardened decoder): {scores['shipped']}; autoencoder PSNR {psnr:.2f} dB")
+    timings = dict(meta["timings"], decoder=info, decoder_metrics=round(time.perf_counter() - t0 - info["seconds"], 1))
+    training["decoder_command"] = " ".join(["python -m train.toy"] + args.argv)
+    text = types.SimpleNamespace(context=pipe.text_encoder.emb[None])
+    extra = {k: v for k, v in meta.items() if k not in ("model", "stream", "sha256")}
+    extra |= dict(metrics=scores, autoencoder_psnr_db=round(psnr, 2), timings=timings, training=training)
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() != src.resolve():
+        for f in ["hello.wav", *[x.name for x in src.glob("ref_*.png")]]:
+            shutil.copy(src / f, out / f)
+    new = save_model(out, cfg, stream, pipe.dit, ae, text, extra)
+    new["sha256"] |= {k: v for k, v in meta["sha256"].items() if k != "toy-talker.safetensors"}
+    (out / "toy-talker.json").write_text(json.dumps(new, indent=1) + "\n")
+    log(f"done: {out / 'toy-talker.safetensors'}")
+    if args.install:
+        install(out, log)
     return 0
 
 
