@@ -12,6 +12,8 @@ from runtime.media import load_audio, load_image
 from runtime.pipeline import TOY_ASSETS
 
 SECONDS = 2.0
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed "
+                                  "(apt-get install espeak-ng): train.toy synthesises speech with it")
 
 
 def probe_for(audio: np.ndarray, clips: int = 30, steps: int = 250):
@@ -63,9 +65,8 @@ def test_demo_clip_mouth_follows_the_speech():
 
 
 @pytest.mark.slow
+@needs_espeak
 def test_training_smoke_run(tmp_path):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): train.toy synthesises speech with it")
     from train.toy import main
     assert main(["--out", str(tmp_path), "--smoke"]) == 0
     meta = json.loads((tmp_path / "toy-talker.json").read_text())
@@ -79,10 +80,9 @@ def test_training_smoke_run(tmp_path):
 
 
 @pytest.mark.slow
+@needs_espeak
 def test_harden_decoder_step_equals_the_full_run(tmp_path):
     """`--harden-decoder SRC` on a model trained without the decoder step writes the same weights as a full run."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): train.toy synthesises speech with it")
     from train.toy import main
     assert main(["--out", str(tmp_path / "full"), "--smoke"]) == 0
     assert main(["--out", str(tmp_path / "before"), "--smoke", "--steps", "decoder=0"]) == 0

@@ -26,6 +26,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
+def pixel_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """MSE + 0.5 L1 on pixels in [-1, 1]: the reconstruction loss of both autoencoder phases."""
+    return (y - x).pow(2).mean() + 0.5 * (y - x).abs().mean()
+
+
 def random_frames(clips: ClipSet, n: int, rng: np.random.Generator) -> torch.Tensor:
     c = rng.integers(0, len(clips), n)
     f = rng.integers(0, clips.frames.shape[1], n)
@@ -47,7 +52,7 @@ def train_ae(ae, clips: ClipSet, *, minutes: float, max_steps: int, batch: int =
         code = ae.encode_frames(x)
         sigma = noise * max(0.0, 1 - step / (0.8 * max_steps))
         y = ae.decode_frames(code + sigma * torch.randn_like(code))
-        loss = (y - x).pow(2).mean() + 0.5 * (y - x).abs().mean() + 1e-4 * code.pow(2).mean()
+        loss = pixel_loss(y, x) + 1e-4 * code.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
@@ -86,7 +91,7 @@ def harden_decoder(ae, clips: ClipSet, code_std, *, steps: int, noise: float = 0
         with torch.no_grad():
             code = ae.encode_frames(x)
         y = ae.decode_frames(code + noise * std * torch.randn(code.shape, generator=g))
-        loss = (y - x).pow(2).mean() + 0.5 * (y - x).abs().mean()
+        loss = pixel_loss(y, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -28,7 +28,6 @@ import json
 import platform
 import random
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from runtime.frame_ae import FrameAE
 from . import ae as ae_stage
 from .data import Batches, encode_latents, logmel_rows, logmel_stats, make_clips, normalise_rows
 from .distill import backfill, dmd_losses, ode_example, ode_loss, rollout_window, stream_sigmas
-from .synth import sha256_file
+from .synth import espeak_version, sha256_file
 from .teacher import EMA, TextEmbedding, cosine_lr, teacher_loss
 
 # Stages run a fixed number of steps, so a run is deterministic per seed and thread count; --minutes-per-stage
@@ -224,6 +223,11 @@ class Evaluation:
         return {**short, "de2000_last10": drift["de2000_last10"], "de2000_60s": drift["de2000"]}
 
 
+def training_clips(n: int, seconds: float, seed: int):
+    """The training set of a run with this seed (seeds seed x 10^6 ..), so --harden-decoder can rebuild it."""
+    return make_clips(n, seconds, seed0=seed * 1_000_000, desc="training clips")
+
+
 def ae_validation_clips(smoke: bool):
     from bench.quality import VAL_SEED0
     return make_clips(2 if smoke else 20, 4.0, VAL_SEED0 + 1000, desc="autoencoder validation clips")
@@ -305,7 +309,7 @@ def main(argv=None) -> int:
 
     # -- data --
     t0 = time.perf_counter()
-    clips = make_clips(args.clips, args.seconds, seed0=args.seed * 1_000_000, desc="training clips")
+    clips = training_clips(args.clips, args.seconds, args.seed)
     timings["data"] = round(time.perf_counter() - t0, 1)
     log(f"data: {len(clips)} clips x {args.seconds} s in {timings['data']} s, sha256 {clips.sha256()[:16]}")
 
@@ -377,8 +381,7 @@ def main(argv=None) -> int:
     log(f"shipped ({choice} student, hardened decoder): {scores['shipped']}; autoencoder PSNR {ae_psnr:.2f} dB")
 
     # -- ship --
-    val = evaluation.val
-    for i, c in enumerate(val[:4]):
+    for i, c in enumerate(evaluation.val[:4]):
         from PIL import Image
         Image.fromarray(c.frames[0]).save(out / f"ref_{i}.png")
     from train.synth import speak
@@ -390,7 +393,7 @@ def main(argv=None) -> int:
         shipped=choice, gate=reason, metrics=scores, autoencoder_psnr_db=round(ae_psnr, 2), timings=timings,
         training=dict(command=" ".join(["python -m train.toy"] + args.argv), seed=args.seed,
                       threads=args.threads, clips=args.clips, seconds=args.seconds, data_sha256=clips.sha256(),
-                      espeak=_espeak_version(), torch=torch.__version__, platform=platform.platform())))
+                      espeak=espeak_version(), torch=torch.__version__, platform=platform.platform())))
     meta["sha256"] |= {f.name: sha256_file(f) for f in sorted(out.glob("ref_*.png"))}
     meta["sha256"]["hello.wav"] = sha256_file(out / "hello.wav")
     (out / "toy-talker.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -422,8 +425,7 @@ def harden_trained(src: Path, out: Path, steps: int, args, log) -> int:
     seed_everything(training["seed"], training["threads"])
     pipe = AvatarPipeline.from_toy(src)
     cfg, stream, ae = pipe.config, pipe.default_stream, pipe.vae
-    clips = make_clips(training["clips"], training["seconds"], seed0=training["seed"] * 1_000_000,
-                       desc="training clips")
+    clips = training_clips(training["clips"], training["seconds"], training["seed"])
     if clips.sha256() != training["data_sha256"]:
         log("warning: the regenerated training clips differ from the ones the model was trained on (another "
             "espeak-ng version?); the decoder is hardened on these instead")
@@ -458,13 +460,6 @@ def _write_wav(path: Path, pcm: np.ndarray, rate: int = 16000) -> None:
         w.setsampwidth(2)
         w.setframerate(rate)
         w.writeframes((np.clip(pcm, -1, 1) * 32767).astype(np.int16).tobytes())
-
-
-def _espeak_version() -> str | None:
-    try:
-        return subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":
