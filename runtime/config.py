@@ -76,6 +76,8 @@ class ModelConfig:
     taehv_channels: tuple[int, ...] = (256, 128, 64, 64)   # TAEHV decoder widths per stage
     frame_ae_channels: tuple[int, ...] = (32, 64, 64)      # FrameAE encoder widths (toy-talker)
     frame_ae_code_channels: int = 4      # FrameAE channels per video frame; x4 frames = vae_z_dim
+    frame_ae_context: tuple[int, int] = (0, 0)   # FrameAE decoder context: (earlier frame codes, later codes of
+                                                 # the same latent) it sees besides the frame's own; (0, 0): per frame
     # -- video --
     height: int = 480                    # output pixel rows
     width: int = 832                     # output pixel columns
@@ -91,6 +93,7 @@ class ModelConfig:
         self.latent_std = tuple(self.latent_std)
         self.taehv_channels = tuple(self.taehv_channels)
         self.frame_ae_channels = tuple(self.frame_ae_channels)
+        self.frame_ae_context = tuple(self.frame_ae_context)
         self.logmel_mean, self.logmel_std = tuple(self.logmel_mean), tuple(self.logmel_std)
         problems = []
         if self.dim % self.num_heads:
@@ -105,6 +108,10 @@ class ModelConfig:
             problems.append(f"vae={self.vae!r}: expected 'wan' or 'frame-ae'")
         if self.decoder not in ("vae", "taehv"):
             problems.append(f"decoder={self.decoder!r}: expected 'vae' or 'taehv'")
+        if len(self.frame_ae_context) != 2 or not all(isinstance(v, int) and v >= 0 for v in self.frame_ae_context) \
+                or self.frame_ae_context[1] >= self.vae_stride[0]:
+            problems.append(f"frame_ae_context={self.frame_ae_context!r}: expected (earlier >= 0, "
+                            f"0 <= later < {self.vae_stride[0]})")
         if len(self.latent_mean) != self.vae_z_dim or len(self.latent_std) != self.vae_z_dim:
             problems.append(f"latent_mean/std need {self.vae_z_dim} entries")
         cell_h, cell_w = self.vae_stride[1] * self.patch_size[1], self.vae_stride[2] * self.patch_size[2]
@@ -189,6 +196,7 @@ MODEL_PRESETS: dict[str, dict] = {
         dim=128, ffn_dim=512, num_heads=4, num_layers=6, text_len=1, text_dim=16,
         audio_features="logmel", audio_input_dim=128, logmel_bins=32,
         vae="frame-ae", vae_stride=(4, 4, 4), frame_ae_channels=(24, 48, 64), frame_ae_code_channels=4,
+        frame_ae_context=(2, 3),
         latent_mean=(0.0,) * 16, latent_std=(1.0,) * 16,
         height=64, width=64,
     ),

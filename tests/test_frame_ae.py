@@ -1,11 +1,12 @@
-"""The toy-talker's per-frame autoencoder in the Wan latent layout, and the causal log-mel features."""
+"""The toy-talker's autoencoder in the Wan latent layout (per-frame encoder, decoder with a temporal context), and
+the causal log-mel features."""
 import numpy as np
 import pytest
 import torch
 
 from runtime.audio import LogMelFeatures, StreamingAudioFeatures
 from runtime.config import ModelConfig
-from runtime.frame_ae import FrameAE
+from runtime.frame_ae import FrameAE, context_index
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,76 @@ def test_streaming_decode_equals_offline(ae):
             out.append(ae.decode_step(z[:, :, i:i + n], cache))
             i += n
         assert (torch.cat(out, 2) - offline).abs().max() <= 1e-5
+
+
+def context_ae(context=(2, 3), seed=0):
+    """A FrameAE whose context layer is not zero (a trained one's is not), so the context matters."""
+    torch.manual_seed(seed)
+    ae = FrameAE(ModelConfig.preset("toy-talker", frame_ae_context=context)).eval()
+    with torch.no_grad():
+        ae.context.weight.normal_(0, 0.05)
+        ae.context.bias.normal_(0, 0.05)
+    return ae
+
+
+def test_context_index_follows_the_latent_layout():
+    """Frame t sees t-2, t-1 (frame 0 before the start) and up to 3 later frames of its own latent (latent 0 =
+    frame 0, latent k = frames 4k-3 .. 4k), the latent's last frame repeated past its end, masked 0."""
+    index, mask = context_index(torch.tensor([0, 1, 4, 5, 7]), 2, 3)
+    assert index.tolist() == [[0, 0, 0, 0, 0], [0, 0, 2, 3, 4], [2, 3, 4, 4, 4], [3, 4, 6, 7, 8], [5, 6, 8, 8, 8]]
+    assert mask.tolist() == [[0, 0, 0], [1, 1, 1], [0, 0, 0], [1, 1, 1], [1, 0, 0]]
+
+
+@pytest.mark.parametrize("context", [(2, 3), (4, 0), (0, 2), (6, 1)])
+def test_streaming_decode_with_context_equals_offline(context):
+    ae = context_ae(context)
+    z = ae.encode(video(21, seed=2))                                          # 6 latents
+    with torch.no_grad():
+        offline = ae.decode(z)
+        for chunks in ([1] * 6, [2, 3, 1], [1, 5], [4, 2]):
+            cache, out, i = ae.init_decode_cache(1, z.dtype, z.device, 64, 64), [], 0
+            for n in chunks:
+                out.append(ae.decode_step(z[:, :, i:i + n], cache))
+                i += n
+            assert (torch.cat(out, 2) - offline).abs().max() <= 1e-5
+        assert cache.nbytes() == context[0] * 4 * 16 * 16 * 4
+        cache.reset()                                                         # a new stream from the same buffers
+        again = torch.cat([ae.decode_step(z[:, :, :1], cache), ae.decode_step(z[:, :, 1:], cache)], 2)
+        assert (again - offline).abs().max() <= 1e-5
+
+
+def test_context_reaches_exactly_the_frames_it_should():
+    """Changing latent 3 (frames 9..12) with context (2, 3) changes frames 9..14 and nothing before frame 9: the
+    later codes of a latent reach its earlier frames (no added latency), earlier codes reach 2 frames on."""
+    ae = context_ae((2, 3))
+    z = ae.encode(video(21, seed=3))
+    z2 = z.clone()
+    z2[:, :, 3] += torch.randn(z2[:, :, 3].shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        changed = (ae.decode(z2) - ae.decode(z)).abs().amax(dim=(0, 1, 3, 4)) > 1e-6
+    assert changed.nonzero().flatten().tolist() == list(range(9, 15))
+
+
+def test_zero_context_is_the_per_frame_decoder():
+    """A new context layer is zero: adding it changes no output, and building it draws nothing from the RNG (so a
+    training run's later random initialisations are unchanged)."""
+    torch.manual_seed(0)
+    plain = FrameAE(ModelConfig.preset("toy-talker", frame_ae_context=(0, 0))).eval()
+    state = torch.get_rng_state()
+    torch.manual_seed(0)
+    with_context = FrameAE(ModelConfig.preset("toy-talker", frame_ae_context=(2, 3))).eval()
+    assert torch.equal(torch.get_rng_state(), state) and plain.context is None
+    missing, unexpected = with_context.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["context.bias", "context.weight"] and not unexpected
+    z = plain.encode(video(9))
+    with torch.no_grad():
+        assert torch.equal(with_context.decode(z), plain.decode(z))
+
+
+def test_bad_context_setting():
+    for bad in ((-1, 0), (1, 4), (1,)):
+        with pytest.raises(ValueError, match="frame_ae_context"):
+            ModelConfig.preset("toy-talker", frame_ae_context=bad)
 
 
 def test_normalisation_uses_the_config_statistics():
