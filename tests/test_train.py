@@ -71,26 +71,34 @@ def test_teacher_records_states_exactly_at_stream_levels(toy):
 
 
 def test_harden_decoder_trains_only_the_decoder():
-    """The decoder phase leaves the encoder (the latent space the DiT learns) and the global RNG untouched,
-    and its result is deterministic per seed."""
+    """The decoder phase trains the decoder and its temporal context layer but leaves the encoder (the latent
+    space the DiT learns) and the global RNG untouched, its result is deterministic per seed, and the trained
+    context is used: decoding with it differs from decoding without."""
     from runtime.config import ModelConfig
     from runtime.frame_ae import FrameAE
     from train.ae import harden_decoder
     from train.data import ClipSet
     rng = np.random.default_rng(0)
-    clips = ClipSet(frames=rng.integers(0, 256, (2, 5, 64, 64, 3), dtype=np.uint8),
-                    audio=np.zeros((2, 2560), np.float32), mouth=np.zeros((2, 5), np.float32),
-                    roundness=np.zeros((2, 5), np.float32), seeds=[0, 1])
+    clips = ClipSet(frames=rng.integers(0, 256, (2, 9, 64, 64, 3), dtype=np.uint8),
+                    audio=np.zeros((2, 5120), np.float32), mouth=np.zeros((2, 9), np.float32),
+                    roundness=np.zeros((2, 9), np.float32), seeds=[0, 1])
     torch.manual_seed(0)
-    base = FrameAE(ModelConfig.preset("toy-talker"))
+    base = FrameAE(ModelConfig.preset("toy-talker", frame_ae_context=(2, 3)))
     runs = []
     for _ in range(2):
         ae = copy.deepcopy(base)
         state = torch.get_rng_state()
-        harden_decoder(ae, clips, [1.0] * 16, steps=3, batch=4, seed=5, log=lambda m: None)
-        assert torch.equal(torch.get_rng_state(), state)
-        runs.append(ae.state_dict())
-    before = base.state_dict()
-    assert all(torch.equal(before[k], runs[0][k]) for k in before if k.startswith("encoder."))
-    assert any(not torch.equal(before[k], runs[0][k]) for k in before if k.startswith("decoder."))
-    assert all(torch.equal(runs[0][k], runs[1][k]) for k in before)
+        info = harden_decoder(ae, clips, [1.0] * 16, steps=3, batch=4, seed=5, log=lambda m: None)
+        assert torch.equal(torch.get_rng_state(), state) and info["context"] == [2, 3]
+        runs.append(ae)
+    before, after = base.state_dict(), runs[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert not torch.equal(before["context.weight"], after["context.weight"])
+    assert all(torch.equal(after[k], runs[1].state_dict()[k]) for k in before)
+    z = runs[0].encode(torch.rand(1, 3, 9, 64, 64) * 2 - 1)
+    with torch.no_grad():
+        with_context = runs[0].decode(z)
+        codes = runs[0].unpack(z)[0].flatten(0, 1)[3:]                      # frames 0..8 (latent 0 = frame 0 x 4)
+        alone = runs[0].decode_frames(codes).clamp(-1, 1)
+    assert (with_context[0].transpose(0, 1) - alone).abs().max() > 1e-3

@@ -1,11 +1,13 @@
-"""Training of the toy-talker's per-frame autoencoder (runtime/frame_ae.py) and its latent statistics.
+"""Training of the toy-talker's autoencoder (runtime/frame_ae.py) and its latent statistics.
 
 Loss on random training frames: MSE + 0.5 L1 on pixels in [-1, 1] + 1e-4 |code|^2, with Gaussian noise added to
 the codes (decaying from `noise` to 0) so the decoder tolerates the small latent errors a one-step DiT makes.
 AdamW with a one-cycle (warm-up, cosine) learning rate. After training, the per-code-channel mean and std over
 the training set become ModelConfig.latent_mean/std (repeated for the 4 frames of a latent), so the DiT sees
-unit-variance latents as with Wan's VAE statistics. Then `harden_decoder` fine-tunes the decoder alone on codes
-with a fixed amount of noise, so the DiT's small per-frame latent errors do not show as flicker.
+unit-variance latents as with Wan's VAE statistics. This phase trains the per-frame path (the decoder's temporal
+context layer stays zero). Then `harden_decoder` fine-tunes the decoder and trains its context layer, with the
+encoder frozen, on codes with noise independent per frame and shared per latent, so the DiT's small per-frame and
+per-latent errors do not show as flicker.
 """
 from __future__ import annotations
 
@@ -67,37 +69,71 @@ def train_ae(ae, clips: ClipSet, *, minutes: float, max_steps: int, batch: int =
     return dict(steps=step, seconds=round(time.perf_counter() - start, 1), final_loss=float(np.mean(losses[-50:])))
 
 
-def harden_decoder(ae, clips: ClipSet, code_std, *, steps: int, noise: float = 0.2, batch: int = 32,
-                   lr: float = 5e-4, seed: int = 0, log=print) -> dict:
-    """Fine-tune the decoder alone (the encoder, hence the latent space the DiT learns, is frozen) on codes with
-    Gaussian noise of `noise` x each channel's std (`code_std`, raw code units). A one-step DiT's latent error is
-    small (RMS ~0.04 std, the student's final regression loss) but independent per frame, and a decoder trained
-    on clean codes turns it into frame-to-frame flicker (0.02 std of noise on ground-truth codes raised flicker
-    from 0.47 to 1.03); trained on noisy codes it maps a neighbourhood of a code to one image, at a small cost in
-    PSNR. All randomness comes from `seed` (numpy + a torch.Generator), not the global RNG."""
+@torch.no_grad()
+def frame_codes(ae, clips: ClipSet, batch: int = 256) -> torch.Tensor:
+    """Raw codes of every frame of every clip, [N, T, code, h, w] float32 (the encoder is frozen while used)."""
+    frames = clips.frames.reshape(-1, *clips.frames.shape[2:])
+    codes = torch.cat([ae.encode_frames(to_pixels(frames[i:i + batch]))
+                       for i in tqdm(range(0, len(frames), batch), desc="decoder codes", unit="batch")])
+    return codes.unflatten(0, clips.frames.shape[:2])
+
+
+def frame_context(ae, frame: torch.Tensor, frames_per_clip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's inputs for frames `frame` [B] of clips: (frame numbers [B, span]: the `context_index`
+    neighbours, then the frame itself; masks [B, later])."""
+    from runtime.frame_ae import context_index
+    index, mask = context_index(frame, ae.earlier, ae.later, ae.group)
+    return torch.cat([index, frame.view(-1, 1)], 1).clamp_max(frames_per_clip - 1), mask
+
+
+def decode_with_context(ae, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Frames (unclamped) from `frame_context`'s codes and masks."""
+    context = ae.context_input(x[:, :-1], mask) if ae.context is not None else None
+    return ae.decode_frames(x[:, -1], context)
+
+
+def harden_decoder(ae, clips: ClipSet, code_std, *, steps: int, noise: float = 0.2, latent_noise: float = 0.2,
+                   batch: int = 32, lr: float = 5e-4, seed: int = 0, log=print) -> dict:
+    """Fine-tune the decoder and its context layer (runtime/frame_ae.py) with the encoder frozen, so the latent
+    space the DiT learns is unchanged, on codes of the training frames with Gaussian noise in units of each
+    channel's std (`code_std`, raw code units): `noise` independent per frame code and `latent_noise` shared by
+    the four codes of a latent. This is the one-step DiT's error pattern on its streams: small (RMS ~0.04 std) but
+    independent per frame and per emitted latent, which a decoder trained on clean codes turns into flicker, most
+    of it at latent boundaries (0.02 std on ground-truth codes raised flicker from 0.47 to 1.03). Each sample is
+    a random frame t >= 1 of a clip with its `context_index` neighbours; latent 0 (the reference) stays exact, as
+    the stream's anchor latent is the encoded image. All randomness comes from `seed` (numpy + a
+    torch.Generator), not the global RNG."""
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    params = list(ae.decoder.parameters())
     ae.requires_grad_(False)
+    codes = frame_codes(ae, clips)                                           # [N, T, code, h, w]
+    params = list(ae.decoder.parameters()) + (list(ae.context.parameters()) if ae.context is not None else [])
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4, betas=(0.9, 0.99))
-    std = torch.tensor(code_std[:ae.code], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(code_std[:ae.code], dtype=torch.float32).view(1, 1, -1, 1, 1)
+    latents = (ae.earlier + ae.later + ae.group) // ae.group + 1              # at most this many latents per sample
     ae.train()
     start, losses = time.perf_counter(), []
     for step in tqdm(range(steps), desc="decoder", unit="step"):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup=50, floor=0.05)
-        x = random_frames(clips, batch, rng)
-        with torch.no_grad():
-            code = ae.encode_frames(x)
-        y = ae.decode_frames(code + noise * std * torch.randn(code.shape, generator=g))
-        loss = pixel_loss(y, x)
+        c = torch.from_numpy(rng.integers(0, len(clips), batch))
+        t = torch.from_numpy(rng.integers(1, codes.shape[1], batch))
+        index, mask = frame_context(ae, t, codes.shape[1])
+        x = codes[c[:, None], index]                                         # [B, span, code, h, w]
+        latent = (index + ae.group - 1) // ae.group                          # latent of each code (frame 0 -> 0)
+        shared = torch.randn((batch, latents, *x.shape[2:]), generator=g)
+        shared = shared[torch.arange(batch)[:, None], latent - latent.min(1, keepdim=True).values]
+        noisy = x + std * (noise * torch.randn(x.shape, generator=g) + latent_noise * shared)
+        noisy = torch.where((latent == 0)[:, :, None, None, None], x, noisy)
+        loss = pixel_loss(decode_with_context(ae, noisy, mask), to_pixels(clips.frames[c.numpy(), t.numpy()]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
     ae.eval().requires_grad_(False)
-    info = dict(steps=steps, noise=noise, seconds=round(time.perf_counter() - start, 1),
+    info = dict(steps=steps, noise=noise, latent_noise=latent_noise, context=[ae.earlier, ae.later],
+                seconds=round(time.perf_counter() - start, 1),
                 final_loss=float(np.mean(losses[-50:])) if losses else None)
     log(f"decoder: {info}")
     return info
@@ -105,10 +141,16 @@ def harden_decoder(ae, clips: ClipSet, code_std, *, steps: int, noise: float = 0
 
 @torch.no_grad()
 def evaluate_ae(ae, clips: ClipSet, n: int = 512, seed: int = 1) -> float:
-    """PSNR (dB) of reconstructions of n random frames."""
-    x = random_frames(clips, n, np.random.default_rng(seed))
-    y = torch.cat([ae.decode_frames(ae.encode_frames(x[i:i + 64])).clamp(-1, 1) for i in range(0, n, 64)])
-    return psnr(y, x)
+    """PSNR (dB) of reconstructions of n random frames, each decoded with its clean context."""
+    rng = np.random.default_rng(seed)
+    c = torch.from_numpy(rng.integers(0, len(clips), n))
+    f = torch.from_numpy(rng.integers(0, clips.frames.shape[1], n))
+    ys = []
+    for i in range(0, n, 64):
+        index, mask = frame_context(ae, f[i:i + 64], clips.frames.shape[1])
+        frames = to_pixels(clips.frames[c[i:i + 64, None].numpy(), index.numpy()].reshape(-1, *clips.frames.shape[2:]))
+        ys.append(decode_with_context(ae, ae.encode_frames(frames).unflatten(0, index.shape), mask).clamp(-1, 1))
+    return psnr(torch.cat(ys), to_pixels(clips.frames[c.numpy(), f.numpy()]))
 
 
 @torch.no_grad()

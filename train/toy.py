@@ -10,8 +10,8 @@ ODE backfill at the exact stream noise levels -> stage 1, ODE regression of the 
 = the cached streaming computation) -> stage 2, DMD on rollouts of the runtime's StreamSession with a critic ->
 quality metrics of both students on unseen identities -> a gate that ships DMD only if it is at least as good as
 the ODE student on lip-sync at equal identity and does not add drift or flicker (else the ODE student ships) ->
-the decoder hardened against the DiT's latent noise (encoder frozen; `--harden-decoder SRC` runs only this step
-on a model trained before it existed).
+the decoder hardened against the DiT's latent noise, with its temporal context trained (encoder frozen;
+`--harden-decoder SRC` runs only this step on a model trained before it existed).
 Every stage uses the runtime's own AvatarDiT, FrameAE, log-mel extractor, scheduler and session.
 
 Output: DIR/toy-talker.safetensors (fp16: DiT, autoencoder, text context), DIR/toy-talker.json (ModelConfig with
@@ -48,7 +48,7 @@ from .teacher import EMA, TextEmbedding, cosine_lr, teacher_loss
 
 # Stages run a fixed number of steps, so a run is deterministic per seed and thread count; --minutes-per-stage
 # adds a wall-clock cap (a quick run then depends on the machine's speed; the manifest records the steps done).
-DEFAULT_STEPS = dict(ae=3000, decoder=600, teacher=3000, ode=600, dmd=500)
+DEFAULT_STEPS = dict(ae=3000, decoder=2400, teacher=3000, ode=600, dmd=500)
 NO_TIME_CAP = 1e9
 STREAM = "low-delay"                          # B = 1 latent, L = 4, N = 1, re-indexed anchor: 0.48 s look-ahead
 
@@ -233,14 +233,24 @@ def ae_validation_clips(smoke: bool):
     return make_clips(2 if smoke else 20, 4.0, VAL_SEED0 + 1000, desc="autoencoder validation clips")
 
 
-def finish_decoder(ae: FrameAE, clips, cfg: ModelConfig, steps: int, noise: float, seed: int, log) -> dict:
-    """Harden the decoder against latent noise (train/ae.py) as the very last training step, on the autoencoder
-    rounded to its shipped fp16 weights. The encoder is frozen and no DiT stage ran after it, so it changes nothing
-    the DiT learned, and `--harden-decoder SRC` applied to a shipped model gives the bytes a full run gives."""
+def finish_decoder(ae: FrameAE, clips, cfg: ModelConfig, steps: int, args, seed: int, log) -> dict:
+    """Harden the decoder and train its temporal context against the DiT's latent noise (train/ae.py) as the very
+    last training step, on the autoencoder rounded to its shipped fp16 weights. The encoder is frozen and no DiT
+    stage ran after it, so it changes nothing the DiT learned, and `--harden-decoder SRC` applied to a shipped
+    model gives the bytes a full run gives."""
     with torch.no_grad():
         for p in ae.parameters():
             p.copy_(p.half().float())
-    return ae_stage.harden_decoder(ae, clips, cfg.latent_std, steps=steps, noise=noise, seed=seed, log=log)
+    return ae_stage.harden_decoder(ae, clips, cfg.latent_std, steps=steps, noise=args.decoder_noise,
+                                   latent_noise=args.decoder_latent_noise, seed=seed, log=log)
+
+
+def toy_pipeline(cfg: ModelConfig, dit, ae: FrameAE, text_context):
+    """An fp32 AvatarPipeline on the CPU over models in training (the runtime's own session runs them)."""
+    from runtime.audio import LogMelFeatures
+    from runtime.pipeline import AvatarPipeline, _EmbeddingText
+    return AvatarPipeline(cfg, dit=dit, vae=ae, audio_encoder=LogMelFeatures.from_config(cfg),
+                          text_encoder=_EmbeddingText(text_context), dtype=torch.float32)
 
 
 def save_model(out: Path, cfg: ModelConfig, stream: StreamConfig, dit, ae, text, extra: dict) -> dict:
@@ -272,7 +282,10 @@ def main(argv=None) -> int:
     p.add_argument("--install", action="store_true", help="copy the result into runtime/assets/toy/")
     p.add_argument("--smoke", action="store_true", help="a few minutes end to end (tiny data and budgets)")
     p.add_argument("--decoder-noise", type=float, default=0.2,
-                   help="code noise of the decoder step, in units of each code channel's std (default 0.2)")
+                   help="code noise of the decoder step, independent per frame, in units of each code channel's "
+                        "std (default 0.2)")
+    p.add_argument("--decoder-latent-noise", type=float, default=0.2,
+                   help="code noise of the decoder step shared by the four frames of a latent (default 0.2)")
     p.add_argument("--harden-decoder", metavar="SRC", default=None,
                    help="only the last step: harden the decoder of the toy-talker in SRC (its training clips are "
                         "regenerated from its manifest) and write the result to --out")
@@ -349,12 +362,8 @@ def main(argv=None) -> int:
                                             args.seed + 5, log)
 
     # -- stage 2 --
-    from runtime.audio import LogMelFeatures
-    from runtime.pipeline import AvatarPipeline, _EmbeddingText
-
     def make_pipe(dit):
-        return AvatarPipeline(cfg, dit=dit, vae=ae, audio_encoder=LogMelFeatures.from_config(cfg),
-                              text_encoder=_EmbeddingText(text.context[0].detach()), dtype=torch.float32)
+        return toy_pipeline(cfg, dit, ae, text.context[0].detach())
 
     dmd_student, timings["dmd"] = train_dmd(ode_student, teacher, text, make_pipe, clips, rows, stream,
                                             minutes["dmd"], caps["dmd"], args.seed + 6, log)
@@ -375,7 +384,7 @@ def main(argv=None) -> int:
     shipped = ode_student if choice == "ode" else dmd_student
 
     # -- the decoder, hardened last (see finish_decoder) --
-    timings["decoder"] = finish_decoder(ae, clips, cfg, caps["decoder"], args.decoder_noise, args.seed + 7, log)
+    timings["decoder"] = finish_decoder(ae, clips, cfg, caps["decoder"], args, args.seed + 7, log)
     ae_psnr = ae_stage.evaluate_ae(ae, ae_val)
     scores["shipped"] = evaluation.score(make_pipe(shipped), stream)
     log(f"shipped ({choice} student, hardened decoder): {scores['shipped']}; autoencoder PSNR {ae_psnr:.2f} dB")
@@ -423,14 +432,25 @@ def harden_trained(src: Path, out: Path, steps: int, args, log) -> int:
                          f"{meta['timings']['decoder']}); run --harden-decoder on the model as its training wrote it")
     training = meta["training"]
     seed_everything(training["seed"], training["threads"])
-    pipe = AvatarPipeline.from_toy(src)
-    cfg, stream, ae = pipe.config, pipe.default_stream, pipe.vae
+    src_pipe = AvatarPipeline.from_toy(src)
+    stream = src_pipe.default_stream
+    # the decoder this version trains: a model made before the temporal context gets the context layer (zero,
+    # i.e. its per-frame decoder) and then the same step as a full run
+    cfg = ModelConfig.from_dict({**src_pipe.config.to_dict(),
+                                 "frame_ae_context": ModelConfig.preset("toy-talker").frame_ae_context})
+    ae = FrameAE(cfg)
+    missing, unexpected = ae.load_state_dict(src_pipe.vae.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("context.") for k in missing):
+        raise SystemExit(f"train.toy: the autoencoder in {src} does not fit this version's FrameAE "
+                         f"(missing {missing}, unexpected {unexpected})")
+    ae.eval().requires_grad_(False)
+    pipe = toy_pipeline(cfg, src_pipe.dit, ae, src_pipe.text_encoder.emb)
     clips = training_clips(training["clips"], training["seconds"], training["seed"])
     if clips.sha256() != training["data_sha256"]:
         log("warning: the regenerated training clips differ from the ones the model was trained on (another "
             "espeak-ng version?); the decoder is hardened on these instead")
     t0 = time.perf_counter()
-    info = finish_decoder(ae, clips, cfg, steps, args.decoder_noise, training["seed"] + 7, log)
+    info = finish_decoder(ae, clips, cfg, steps, args, training["seed"] + 7, log)
     psnr = ae_stage.evaluate_ae(ae, ae_validation_clips(args.smoke))
     evaluation = Evaluation(training["clips"], args.eval_identities, args.smoke)
     scores = dict(meta["metrics"], shipped=evaluation.score(pipe, stream))
