@@ -38,6 +38,11 @@ class _Res(nn.Module):
         return x + self.block(x)
 
 
+def latent_of(frames: Tensor, group: int = 4) -> Tensor:
+    """The latent each stream frame number belongs to: frame 0 -> latent 0, frames 4k-3 .. 4k -> latent k."""
+    return (frames + group - 1) // group
+
+
 def context_index(frames: Tensor, earlier: int, later: int, group: int = 4) -> tuple[Tensor, Tensor]:
     """Which codes frame t's decoder sees, as stream frame numbers (latent 0 = frame 0 alone, latent k >= 1 =
     frames 4k-3 .. 4k): frames [N] -> (numbers [N, earlier + later]: t - earlier .. t - 1 clamped to frame 0,
@@ -45,7 +50,7 @@ def context_index(frames: Tensor, earlier: int, later: int, group: int = 4) -> t
     is real). Runtime decode and decoder training both build the context from this one definition."""
     frames = frames.long().view(-1, 1)
     before = (frames - torch.arange(earlier, 0, -1)).clamp_min(0)
-    last = torch.where(frames == 0, 0, group * ((frames + group - 1) // group))
+    last = group * latent_of(frames, group)                                # frame 0: its own latent
     after = frames + torch.arange(1, later + 1)
     return torch.cat([before, torch.minimum(after, last)], 1), (after <= last).float()
 

@@ -103,6 +103,7 @@ def harden_decoder(ae, clips: ClipSet, code_std, *, steps: int, noise: float = 0
     a random frame t >= 1 of a clip with its `context_index` neighbours; latent 0 (the reference) stays exact, as
     the stream's anchor latent is the encoded image. All randomness comes from `seed` (numpy + a
     torch.Generator), not the global RNG."""
+    from runtime.frame_ae import latent_of
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     ae.requires_grad_(False)
     codes = frame_codes(ae, clips)                                           # [N, T, code, h, w]
@@ -121,7 +122,7 @@ def harden_decoder(ae, clips: ClipSet, code_std, *, steps: int, noise: float = 0
         t = torch.from_numpy(rng.integers(1, codes.shape[1], batch))
         index, mask = frame_context(ae, t, codes.shape[1])
         x = codes[c[:, None], index]                                         # [B, span, code, h, w]
-        latent = (index + ae.group - 1) // ae.group                          # latent of each code (frame 0 -> 0)
+        latent = latent_of(index, ae.group)                                  # latent of each code
         shared = torch.randn((batch, latents, *x.shape[2:]), generator=g)
         shared = shared[torch.arange(batch)[:, None], latent - latent.min(1, keepdim=True).values]
         noisy = x + std * (noise * torch.randn(x.shape, generator=g) + latent_noise * shared)
