@@ -106,9 +106,10 @@ def metrics(probe, mean_emb, frames: np.ndarray, mouth_gt: np.ndarray, reference
                 de2000=float(de.mean()), de2000_last10=float(de[-tail:].mean()), flicker=float(flicker))
 
 
-def stream_clip(pipe, clip, stream, seed: int = 0, chunk: int = 3200) -> np.ndarray:
-    """Generated frames for a clip: its frame 0 as the reference image, its audio pushed in 200 ms chunks."""
-    sess = pipe.session(clip.frames[0], stream=stream, seed=seed)
+def stream_clip(pipe, clip, stream, seed: int = 0, chunk: int = 3200, engine: bool | None = None) -> np.ndarray:
+    """Generated frames for a clip: its frame 0 as the reference image, its audio pushed in 200 ms chunks
+    (`engine`: StreamSession's choice, by default the CUDA engine on a GPU)."""
+    sess = pipe.session(clip.frames[0], stream=stream, seed=seed, engine=engine)
     out = [sess.push_audio(clip.audio[i:i + chunk]) for i in range(0, len(clip.audio), chunk)]
     out.append(sess.flush())
     return torch.cat(out).numpy()
@@ -128,8 +129,9 @@ def ablations(base):
     return out
 
 
-def evaluate(pipe, stream, probe, mean_emb, clips, label="default") -> dict:
-    rows = [metrics(probe, mean_emb, stream_clip(pipe, c, stream), c.mouth_open, c.frames[0]) for c in clips]
+def evaluate(pipe, stream, probe, mean_emb, clips, engine: bool | None = None) -> dict:
+    rows = [metrics(probe, mean_emb, stream_clip(pipe, c, stream, engine=engine), c.mouth_open, c.frames[0])
+            for c in clips]
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 

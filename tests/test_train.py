@@ -102,3 +102,63 @@ def test_harden_decoder_trains_only_the_decoder():
         codes = runs[0].unpack(z)[0].flatten(0, 1)[3:]                      # frames 0..8 (latent 0 = frame 0 x 4)
         alone = runs[0].decode_frames(codes).clamp(-1, 1)
     assert (with_context[0].transpose(0, 1) - alone).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
+def test_device_cuda_without_a_gpu_says_so(tmp_path):
+    from train.toy import main
+    with pytest.raises(SystemExit, match="--device cuda needs a CUDA build of torch and a visible GPU"):
+        main(["--out", str(tmp_path), "--device", "cuda"])
+    assert not (tmp_path / "log.txt").exists()                      # refused before anything is written
+
+
+@pytest.fixture
+def exact_cuda():
+    """fp32 CUDA matmuls and convolutions without TF32, so CPU and CUDA differ only by summation order."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.gpu
+def test_stages_on_cuda_draw_the_cpu_noise(toy, exact_cuda):
+    """`train.toy --device cuda`: the teacher sampler (backfill), the teacher's flow loss, the DMD losses and the
+    decoder step draw their noise from CPU generators, so on CUDA they compute what the CPU computes, within fp32
+    summation-order error (a noise draw on the device would differ by O(1))."""
+    from runtime.config import ModelConfig
+    from runtime.frame_ae import FrameAE
+    from train.ae import harden_decoder
+    from train.data import ClipSet
+    from train.distill import dmd_losses
+    from train.teacher import teacher_loss
+    pipe, text = toy
+    dev = exact_cuda
+    dit_gpu, text_gpu = copy.deepcopy(pipe.dit).to(dev), copy.deepcopy(text).to(dev)
+    g = lambda: torch.Generator().manual_seed(3)                            # noqa: E731
+    ref = torch.randn(2, 16, 1, 16, 16, generator=g())
+    audio = torch.randn(2, 16, 128, generator=g())
+    x0, _ = sample(pipe.dit, text, ref, audio, 4, g(), steps=4)
+    x0_gpu, _ = sample(dit_gpu, text_gpu, ref.to(dev), audio.to(dev), 4, g(), steps=4)
+    torch.testing.assert_close(x0_gpu.cpu(), x0, rtol=1e-3, atol=1e-3)
+    batch = dict(ref=ref, x0=x0, audio=audio)
+    with torch.no_grad():
+        loss = teacher_loss(pipe.dit, text, batch, g())
+        loss_gpu = teacher_loss(dit_gpu, text_gpu, {k: v.to(dev) for k, v in batch.items()}, g())
+        losses = dmd_losses(x0, ref, audio, pipe.dit, pipe.dit, text, text, g())
+        losses_gpu = dmd_losses(x0.to(dev), ref.to(dev), audio.to(dev), dit_gpu, dit_gpu, text_gpu, text_gpu, g())
+    torch.testing.assert_close(loss_gpu.cpu(), loss, rtol=1e-4, atol=1e-6)
+    for a, b in zip(losses_gpu, losses):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-6)
+
+    rng = np.random.default_rng(0)
+    clips = ClipSet(frames=rng.integers(0, 256, (2, 9, 64, 64, 3), dtype=np.uint8),
+                    audio=np.zeros((2, 5120), np.float32), mouth=np.zeros((2, 9), np.float32),
+                    roundness=np.zeros((2, 9), np.float32), seeds=[0, 1])
+    torch.manual_seed(0)
+    ae = FrameAE(ModelConfig.preset("toy-talker"))
+    ae_gpu = copy.deepcopy(ae).to(dev)
+    for model in (ae, ae_gpu):
+        harden_decoder(model, clips, [1.0] * 16, steps=3, batch=4, seed=5, log=lambda m: None)
+    for k, v in ae.state_dict().items():
+        torch.testing.assert_close(ae_gpu.state_dict()[k].cpu(), v, rtol=1e-4, atol=1e-4, msg=k)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import ClipSet, to_pixels
-from .teacher import cosine_lr
+from .data import ClipSet, device_of, to_pixels
+from .teacher import cosine_lr, randn
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -33,10 +33,10 @@ def pixel_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (y - x).pow(2).mean() + 0.5 * (y - x).abs().mean()
 
 
-def random_frames(clips: ClipSet, n: int, rng: np.random.Generator) -> torch.Tensor:
+def random_frames(clips: ClipSet, n: int, rng: np.random.Generator, device="cpu") -> torch.Tensor:
     c = rng.integers(0, len(clips), n)
     f = rng.integers(0, clips.frames.shape[1], n)
-    return to_pixels(clips.frames[c, f])                                     # [n, 3, H, W]
+    return to_pixels(clips.frames[c, f], device)                             # [n, 3, H, W]
 
 
 def train_ae(ae, clips: ClipSet, *, minutes: float, max_steps: int, batch: int = 32, lr: float = 2e-3,
@@ -50,10 +50,11 @@ def train_ae(ae, clips: ClipSet, *, minutes: float, max_steps: int, batch: int =
     while step < max_steps and time.perf_counter() < deadline:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, max_steps, lr, warmup=50, floor=0.05)
-        x = random_frames(clips, batch, rng)
+        x = random_frames(clips, batch, rng, device_of(ae))
         code = ae.encode_frames(x)
         sigma = noise * max(0.0, 1 - step / (0.8 * max_steps))
-        y = ae.decode_frames(code + sigma * torch.randn_like(code))
+        # the global CPU RNG, in the code's memory layout (channels-last: to_pixels gives an NHWC view)
+        y = ae.decode_frames(code + sigma * torch.randn_like(code, device="cpu").to(code.device))
         loss = pixel_loss(y, x) + 1e-4 * code.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -73,7 +74,7 @@ def train_ae(ae, clips: ClipSet, *, minutes: float, max_steps: int, batch: int =
 def frame_codes(ae, clips: ClipSet, batch: int = 256) -> torch.Tensor:
     """Raw codes of every frame of every clip, [N, T, code, h, w] float32 (the encoder is frozen while used)."""
     frames = clips.frames.reshape(-1, *clips.frames.shape[2:])
-    codes = torch.cat([ae.encode_frames(to_pixels(frames[i:i + batch]))
+    codes = torch.cat([ae.encode_frames(to_pixels(frames[i:i + batch], device_of(ae)))
                        for i in tqdm(range(0, len(frames), batch), desc="decoder codes", unit="batch")])
     return codes.unflatten(0, clips.frames.shape[:2])
 
@@ -104,14 +105,14 @@ def harden_decoder(ae, clips: ClipSet, code_std, *, steps: int, noise: float = 0
     the stream's anchor latent is the encoded image. All randomness comes from `seed` (numpy + a
     torch.Generator), not the global RNG."""
     from runtime.frame_ae import latent_of
-    rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    rng, g, dev = np.random.default_rng(seed), torch.Generator().manual_seed(seed), device_of(ae)
     ae.requires_grad_(False)
     codes = frame_codes(ae, clips)                                           # [N, T, code, h, w]
     params = list(ae.decoder.parameters()) + (list(ae.context.parameters()) if ae.context is not None else [])
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4, betas=(0.9, 0.99))
-    std = torch.tensor(code_std[:ae.code], dtype=torch.float32).view(1, 1, -1, 1, 1)
+    std = torch.tensor(code_std[:ae.code], dtype=torch.float32, device=dev).view(1, 1, -1, 1, 1)
     latents = (ae.earlier + ae.later + ae.group) // ae.group + 1              # at most this many latents per sample
     ae.train()
     start, losses = time.perf_counter(), []
@@ -121,13 +122,14 @@ def harden_decoder(ae, clips: ClipSet, code_std, *, steps: int, noise: float = 0
         c = torch.from_numpy(rng.integers(0, len(clips), batch))
         t = torch.from_numpy(rng.integers(1, codes.shape[1], batch))
         index, mask = frame_context(ae, t, codes.shape[1])
-        x = codes[c[:, None], index]                                         # [B, span, code, h, w]
+        x = codes[c[:, None], index].to(dev)                                 # [B, span, code, h, w]
         latent = latent_of(index, ae.group)                                  # latent of each code
         shared = torch.randn((batch, latents, *x.shape[2:]), generator=g)
-        shared = shared[torch.arange(batch)[:, None], latent - latent.min(1, keepdim=True).values]
-        noisy = x + std * (noise * torch.randn(x.shape, generator=g) + latent_noise * shared)
-        noisy = torch.where((latent == 0)[:, :, None, None, None], x, noisy)
-        loss = pixel_loss(decode_with_context(ae, noisy, mask), to_pixels(clips.frames[c.numpy(), t.numpy()]))
+        shared = shared[torch.arange(batch)[:, None], latent - latent.min(1, keepdim=True).values].to(dev)
+        noisy = x + std * (noise * randn(x.shape, g, dev) + latent_noise * shared)
+        noisy = torch.where((latent == 0).to(dev)[:, :, None, None, None], x, noisy)
+        target = to_pixels(clips.frames[c.numpy(), t.numpy()], dev)
+        loss = pixel_loss(decode_with_context(ae, noisy, mask.to(dev)), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -146,18 +148,19 @@ def evaluate_ae(ae, clips: ClipSet, n: int = 512, seed: int = 1) -> float:
     rng = np.random.default_rng(seed)
     c = torch.from_numpy(rng.integers(0, len(clips), n))
     f = torch.from_numpy(rng.integers(0, clips.frames.shape[1], n))
-    ys = []
+    ys, dev = [], device_of(ae)
     for i in range(0, n, 64):
         index, mask = frame_context(ae, f[i:i + 64], clips.frames.shape[1])
-        frames = to_pixels(clips.frames[c[i:i + 64, None].numpy(), index.numpy()].reshape(-1, *clips.frames.shape[2:]))
-        ys.append(decode_with_context(ae, ae.encode_frames(frames).unflatten(0, index.shape), mask).clamp(-1, 1))
+        frames = clips.frames[c[i:i + 64, None].numpy(), index.numpy()].reshape(-1, *clips.frames.shape[2:])
+        codes = ae.encode_frames(to_pixels(frames, dev)).unflatten(0, index.shape)
+        ys.append(decode_with_context(ae, codes, mask.to(dev)).clamp(-1, 1).cpu())
     return psnr(torch.cat(ys), to_pixels(clips.frames[c.numpy(), f.numpy()]))
 
 
 @torch.no_grad()
 def code_statistics(ae, clips: ClipSet, n: int = 2048, seed: int = 2, group: int = 4):
     """Per-channel mean/std of raw codes over n training frames, repeated for the `group` frames of a latent."""
-    x = random_frames(clips, n, np.random.default_rng(seed))
+    x = random_frames(clips, n, np.random.default_rng(seed), device_of(ae))
     codes = torch.cat([ae.encode_frames(x[i:i + 128]) for i in range(0, n, 128)])       # [n, c, h, w]
     mean = codes.mean(dim=(0, 2, 3)).tolist()
     std = codes.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()

@@ -27,7 +27,7 @@ from torch import Tensor
 from runtime.config import StreamConfig
 from runtime.scheduler import sigma_for, step_plan, warped_timesteps
 
-from .teacher import conditioning, flow, sample, shift, teacher_flow
+from .teacher import conditioning, flow, randn, sample, shift, teacher_flow
 
 
 def stream_sigmas(stream: StreamConfig) -> list[float]:
@@ -62,11 +62,12 @@ def one_pass(student, text, ref: Tensor, history: Tensor, window: Tensor, sigmas
 
     ref [B,16,1,h,w]; history [B,16,W,h,w] clean; window [B,16,F,h,w] noisy at per-frame sigmas [F];
     audio {"history": [B,4W,A], "window": [B,4F,A]}. Positions: anchor 0, history 1..W, window W+1..W+F."""
-    B, W, F = ref.shape[0], history.shape[2], window.shape[2]
+    B, W, F, dev = ref.shape[0], history.shape[2], window.shape[2], window.device
+    sigmas = sigmas.to(dev)
     x = torch.cat([ref, history, window], 2)
-    t = torch.cat([torch.zeros(B, 1 + W), (sigmas * 1000).view(1, F).expand(B, F)], 1)
-    rows = torch.cat([torch.zeros(B, 4, audio["window"].shape[-1]), audio["history"], audio["window"]], 1)
-    mask = block_causal_mask(W, F, student.cfg.tokens_per_frame)
+    t = torch.cat([torch.zeros(B, 1 + W, device=dev), (sigmas * 1000).view(1, F).expand(B, F)], 1)
+    rows = torch.cat([torch.zeros(B, 4, audio["window"].shape[-1], device=dev), audio["history"], audio["window"]], 1)
+    mask = block_causal_mask(W, F, student.cfg.tokens_per_frame).to(dev)
     v = flow(student, text, x, conditioning(ref, W + F), t, rows, range(1 + W + F), mask=mask)[:, :, 1 + W:]
     return window - sigmas.view(1, 1, F, 1, 1) * v
 
@@ -123,9 +124,9 @@ def rollout_window(pipe, image, feats: Tensor, stream: StreamConfig, windows: in
 def dmd_losses(student_x0: Tensor, ref: Tensor, audio: Tensor, teacher, critic, text, critic_text,
                generator: torch.Generator, cfg_scale: float = 2.0) -> tuple[Tensor, Tensor]:
     """(generator loss, critic loss) for a batch of student windows x0 [B,16,F,h,w] with their audio rows."""
-    B = student_x0.shape[0]
-    sigma = shift(0.02 + 0.96 * torch.rand(B, generator=generator))
-    eps = torch.randn(student_x0.shape, generator=generator)
+    B, dev = student_x0.shape[0], student_x0.device
+    sigma = shift(0.02 + 0.96 * torch.rand(B, generator=generator)).to(dev)
+    eps = randn(student_x0.shape, generator, dev)
     s = sigma.view(B, 1, 1, 1, 1)
     xt = (1 - s) * student_x0.detach() + s * eps
     with torch.no_grad():
@@ -136,8 +137,8 @@ def dmd_losses(student_x0: Tensor, ref: Tensor, audio: Tensor, teacher, critic, 
         grad = (fake - real) / (student_x0 - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6)
     gen_loss = 0.5 * (student_x0 - (student_x0 - grad).detach()).pow(2).mean()
     # critic: flow matching on the (detached) student distribution
-    sig_c = torch.rand(B, generator=generator).clamp(0.02, 1.0)
-    eps_c = torch.randn(student_x0.shape, generator=generator)
+    sig_c = torch.rand(B, generator=generator).clamp(0.02, 1.0).to(dev)
+    eps_c = randn(student_x0.shape, generator, dev)
     sc = sig_c.view(B, 1, 1, 1, 1)
     xt_c = (1 - sc) * student_x0.detach() + sc * eps_c
     v = teacher_flow(critic, critic_text, ref, xt_c, sig_c, audio)

@@ -33,6 +33,12 @@ class TextEmbedding(nn.Module):
         self.context = nn.Parameter(torch.randn(1, text_len, text_dim) * 0.02)
 
 
+def randn(shape, generator: torch.Generator, device) -> Tensor:
+    """Standard normal noise drawn from a CPU generator, then moved to `device`: every stage draws its noise this
+    way, so a run on a GPU sees the very numbers a CPU run with the same seed sees."""
+    return torch.randn(shape, generator=generator).to(device)
+
+
 def shift(sigma: Tensor, s: float = SHIFT) -> Tensor:
     return s * sigma / (1 + (s - 1) * sigma)
 
@@ -47,7 +53,7 @@ def sample_sigma(batch: int, generator: torch.Generator) -> Tensor:
 def conditioning(ref: Tensor, frames: int) -> Tensor:
     """y [B, 17, 1 + frames, h, w]: the reference latent everywhere, mask 0 on the anchor and 1 elsewhere."""
     B, C, _, h, w = ref.shape
-    mask = torch.ones(B, 1, 1 + frames, h, w, dtype=ref.dtype)
+    mask = torch.ones(B, 1, 1 + frames, h, w, dtype=ref.dtype, device=ref.device)
     mask[:, :, 0] = 0
     return torch.cat([ref.expand(-1, -1, 1 + frames, -1, -1), mask], 1)
 
@@ -66,8 +72,8 @@ def teacher_flow(dit, text, ref: Tensor, xt: Tensor, sigma: Tensor, audio: Tenso
     [B, 4F, A] (the anchor's zero rows are added here). Returns v for the F frames."""
     B, _, frames = xt.shape[:3]
     x = torch.cat([ref, xt], 2)
-    t = torch.cat([torch.zeros(B, 1), (sigma * 1000).view(B, 1).expand(B, frames)], 1)
-    rows = torch.cat([torch.zeros(B, 4, audio.shape[-1], dtype=audio.dtype), audio], 1)
+    t = torch.cat([torch.zeros(B, 1, device=xt.device), (sigma.to(xt.device) * 1000).view(B, 1).expand(B, frames)], 1)
+    rows = torch.cat([torch.zeros(B, 4, audio.shape[-1], dtype=audio.dtype, device=audio.device), audio], 1)
     return flow(dit, text, x, conditioning(ref, frames), t, rows, range(frames + 1))[:, :, 1:]
 
 
@@ -75,10 +81,10 @@ def teacher_loss(dit, text, batch: dict, generator: torch.Generator, audio_dropo
     """Flow-matching loss on a batch {ref [B,16,1,h,w], x0 [B,16,F,h,w], audio [B,4F,A]}."""
     x0, audio = batch["x0"], batch["audio"]
     B = x0.shape[0]
-    sigma = sample_sigma(B, generator)
-    eps = torch.randn(x0.shape, generator=generator)
+    sigma = sample_sigma(B, generator).to(x0.device)
+    eps = randn(x0.shape, generator, x0.device)
     xt = (1 - sigma.view(B, 1, 1, 1, 1)) * x0 + sigma.view(B, 1, 1, 1, 1) * eps
-    keep = (torch.rand(B, generator=generator) >= audio_dropout).float().view(B, 1, 1)
+    keep = (torch.rand(B, generator=generator) >= audio_dropout).float().view(B, 1, 1).to(x0.device)
     v = teacher_flow(dit, text, batch["ref"], xt, sigma, audio * keep)
     return (v - (eps - x0)).pow(2).mean()
 
@@ -95,12 +101,12 @@ def sample(dit, text, ref: Tensor, audio: Tensor, frames: int, generator: torch.
     inside a segment [s_k, s_k+1) gets the partial Euler step x_k + (level - s_k) v_k (not the nearest grid point).
     `cfg_scale` > 1 applies classifier-free guidance on the audio (zero rows as the unconditional input)."""
     B, C, _, h, w = ref.shape
-    x = torch.randn(B, C, frames, h, w, generator=generator)
+    x = randn((B, C, frames, h, w), generator, ref.device)
     grid = euler_grid(steps)
     recorded = {}
     for k in range(steps):
         s, s_next = float(grid[k]), float(grid[k + 1])
-        sig = torch.full((B,), s)
+        sig = torch.full((B,), s, device=ref.device)
         v = teacher_flow(dit, text, ref, x, sig, audio)
         if cfg_scale != 1.0:
             v_uncond = teacher_flow(dit, text, ref, x, sig, torch.zeros_like(audio))

@@ -41,7 +41,7 @@ from runtime.dit import AvatarDiT, init_random_
 from runtime.frame_ae import FrameAE
 
 from . import ae as ae_stage
-from .data import Batches, encode_latents, logmel_rows, logmel_stats, make_clips, normalise_rows
+from .data import Batches, device_of, encode_latents, logmel_rows, logmel_stats, make_clips, normalise_rows
 from .distill import backfill, dmd_losses, ode_example, ode_loss, rollout_window, stream_sigmas
 from .synth import espeak_version, sha256_file
 from .teacher import EMA, TextEmbedding, cosine_lr, teacher_loss
@@ -65,6 +65,22 @@ def parse_minutes(text: str | None) -> dict:
             else:
                 minutes = {k: float(part) for k in minutes}
     return minutes
+
+
+def training_device(name: str) -> torch.device:
+    """The device every stage runs on. The stages draw their random numbers from CPU generators (then move them),
+    so a CUDA run trains on the data, noise and initial weights a CPU run with the same seed uses; the StreamSession
+    rollouts of DMD and the metrics' streams draw their noise on the device, as the runtime does. Float results
+    differ across devices (other kernels, non-deterministic reductions in some backward passes): only CPU runs are
+    byte-reproducible."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("train.toy: --device cuda needs a CUDA build of torch and a visible GPU "
+                         f"(torch {torch.__version__} sees none here); run with --device cpu")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -93,10 +109,11 @@ def timed_loop(name: str, minutes: float, cap: int, step_fn, log) -> dict:
 
 # ---------------------------------------------------------------------------------------------- stages
 def train_teacher(cfg, batches: Batches, minutes, cap, seed, log):
-    teacher = init_random_(AvatarDiT(cfg), seed).train().requires_grad_(True)
+    # built and initialised on the CPU, then moved: the same initial weights on every device
+    teacher = init_random_(AvatarDiT(cfg), seed).to(batches.device).train().requires_grad_(True)
     with torch.no_grad():                              # zero-init output head: start from v = bias ~ 0
         teacher.head.head.weight.zero_()
-    text = TextEmbedding(cfg.text_len, cfg.text_dim)
+    text = TextEmbedding(cfg.text_len, cfg.text_dim).to(batches.device)
     params = list(teacher.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
     ema, ema_text = EMA(teacher, 0.998), EMA(text, 0.998)
@@ -218,8 +235,9 @@ class Evaluation:
 
     def score(self, pipe, stream: StreamConfig) -> dict:
         from bench.quality import evaluate
-        short = evaluate(pipe, stream, self.probe, self.mean_emb, self.val)
-        drift = evaluate(pipe, stream, self.probe, self.mean_emb, self.long)
+        # the reference loop (engine=False): the same computation on every device
+        short = evaluate(pipe, stream, self.probe, self.mean_emb, self.val, engine=False)
+        drift = evaluate(pipe, stream, self.probe, self.mean_emb, self.long, engine=False)
         return {**short, "de2000_last10": drift["de2000_last10"], "de2000_60s": drift["de2000"]}
 
 
@@ -246,18 +264,23 @@ def finish_decoder(ae: FrameAE, clips, cfg: ModelConfig, steps: int, args, seed:
 
 
 def toy_pipeline(cfg: ModelConfig, dit, ae: FrameAE, text_context):
-    """An fp32 AvatarPipeline on the CPU over models in training (the runtime's own session runs them)."""
+    """An fp32 AvatarPipeline on the models' device over models in training (the runtime's own session runs
+    them)."""
     from runtime.audio import LogMelFeatures
     from runtime.pipeline import AvatarPipeline, _EmbeddingText
     return AvatarPipeline(cfg, dit=dit, vae=ae, audio_encoder=LogMelFeatures.from_config(cfg),
-                          text_encoder=_EmbeddingText(text_context), dtype=torch.float32)
+                          text_encoder=_EmbeddingText(text_context), device=device_of(dit), dtype=torch.float32)
+
+
+def cpu_state(module) -> dict:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 def save_model(out: Path, cfg: ModelConfig, stream: StreamConfig, dit, ae, text, extra: dict) -> dict:
     from safetensors.torch import save_file
-    tensors = {f"dit.{k}": v.half().contiguous() for k, v in dit.state_dict().items()}
-    tensors |= {f"ae.{k}": v.half().contiguous() for k, v in ae.state_dict().items()}
-    tensors["text.context"] = text.context.detach()[0].half().contiguous()
+    tensors = {f"dit.{k}": v.half().contiguous() for k, v in cpu_state(dit).items()}
+    tensors |= {f"ae.{k}": v.half().contiguous() for k, v in cpu_state(ae).items()}
+    tensors["text.context"] = text.context.detach()[0].cpu().half().contiguous()
     save_file(tensors, out / "toy-talker.safetensors")
     meta = dict(model=cfg.to_dict(), stream=stream.to_dict(), **extra)
     meta["sha256"] = {"toy-talker.safetensors": sha256_file(out / "toy-talker.safetensors")}
@@ -291,8 +314,7 @@ def main(argv=None) -> int:
                         "regenerated from its manifest) and write the result to --out")
     args = p.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
-    if args.device == "cuda":
-        raise SystemExit("train.toy: the stages run on the CPU in this version (--device cuda is not wired yet)")
+    device = training_device(args.device)
     minutes = parse_minutes(args.minutes_per_stage)
     caps = dict(DEFAULT_STEPS)
     for part in filter(None, (args.steps or "").split(",")):
@@ -313,7 +335,7 @@ def main(argv=None) -> int:
         print(msg, file=log_file, flush=True)
 
     if args.harden_decoder:
-        return harden_trained(Path(args.harden_decoder), out, caps["decoder"], args, log)
+        return harden_trained(Path(args.harden_decoder), out, caps["decoder"], args, device, log)
 
     seed_everything(args.seed, args.threads)
     timings, t_all = {}, time.perf_counter()
@@ -328,7 +350,7 @@ def main(argv=None) -> int:
 
     # -- autoencoder + statistics --
     torch.manual_seed(args.seed + 1)
-    ae = FrameAE(base)
+    ae = FrameAE(base).to(device)
     timings["ae"] = ae_stage.train_ae(ae, clips, minutes=minutes["ae"], max_steps=caps["ae"], seed=args.seed + 1,
                                       log=log)
     ae_psnr_train = ae_stage.evaluate_ae(ae, clips)
@@ -346,7 +368,7 @@ def main(argv=None) -> int:
     log(f"autoencoder: PSNR {ae_psnr:.2f} dB on unseen identities ({ae_psnr_train:.2f} dB on training frames)")
     latents = encode_latents(ae, clips)
     rows = normalise_rows(rows_raw, lm_mean, lm_std)
-    batches = Batches(latents, rows, torch.Generator().manual_seed(args.seed + 2))
+    batches = Batches(latents, rows, torch.Generator().manual_seed(args.seed + 2), device)
 
     # -- teacher, backfill, stage 1 --
     teacher, text, timings["teacher"] = train_teacher(cfg, batches, minutes["teacher"], caps["teacher"],
@@ -357,7 +379,7 @@ def main(argv=None) -> int:
     timings["backfill"] = round(time.perf_counter() - t0, 1)
     stages = out / "stages"
     stages.mkdir(exist_ok=True)
-    torch.save({"dit": teacher.state_dict(), "text": text.state_dict()}, stages / "teacher.pt")
+    torch.save({"dit": cpu_state(teacher), "text": cpu_state(text)}, stages / "teacher.pt")
     ode_student, timings["ode"] = train_ode(teacher, text, traj, levels, minutes["ode"], caps["ode"],
                                             args.seed + 5, log)
 
@@ -369,7 +391,7 @@ def main(argv=None) -> int:
                                             minutes["dmd"], caps["dmd"], args.seed + 6, log)
 
     for name, dit in (("ode", ode_student), ("dmd", dmd_student)):
-        torch.save({"dit": dit.state_dict()}, stages / f"{name}.pt")
+        torch.save({"dit": cpu_state(dit)}, stages / f"{name}.pt")
 
     # -- metrics and the gate --
     t0 = time.perf_counter()
@@ -401,7 +423,8 @@ def main(argv=None) -> int:
     meta = save_model(out, cfg, stream, shipped, ae, text, dict(
         shipped=choice, gate=reason, metrics=scores, autoencoder_psnr_db=round(ae_psnr, 2), timings=timings,
         training=dict(command=" ".join(["python -m train.toy"] + args.argv), seed=args.seed,
-                      threads=args.threads, clips=args.clips, seconds=args.seconds, data_sha256=clips.sha256(),
+                      threads=args.threads, device=device_name(device), clips=args.clips, seconds=args.seconds,
+                      data_sha256=clips.sha256(),
                       espeak=espeak_version(), torch=torch.__version__, platform=platform.platform())))
     meta["sha256"] |= {f.name: sha256_file(f) for f in sorted(out.glob("ref_*.png"))}
     meta["sha256"]["hello.wav"] = sha256_file(out / "hello.wav")
@@ -419,7 +442,7 @@ def install(out: Path, log) -> None:
     log(f"installed into {TOY_ASSETS}")
 
 
-def harden_trained(src: Path, out: Path, steps: int, args, log) -> int:
+def harden_trained(src: Path, out: Path, steps: int, args, device: torch.device, log) -> int:
     """`--harden-decoder SRC`: finish_decoder on an already trained toy-talker, with the seed, thread count and
     training clips its manifest records (the same computation as the last step of a full run), then re-measure
     and write a complete toy-talker to `out`."""
@@ -432,13 +455,13 @@ def harden_trained(src: Path, out: Path, steps: int, args, log) -> int:
                          f"{meta['timings']['decoder']}); run --harden-decoder on the model as its training wrote it")
     training = meta["training"]
     seed_everything(training["seed"], training["threads"])
-    src_pipe = AvatarPipeline.from_toy(src)
+    src_pipe = AvatarPipeline.from_toy(src, device=device)
     stream = src_pipe.default_stream
     # the decoder this version trains: a model made before the temporal context gets the context layer (zero,
     # i.e. its per-frame decoder) and then the same step as a full run
     cfg = ModelConfig.from_dict({**src_pipe.config.to_dict(),
                                  "frame_ae_context": ModelConfig.preset("toy-talker").frame_ae_context})
-    ae = FrameAE(cfg)
+    ae = FrameAE(cfg).to(device)
     missing, unexpected = ae.load_state_dict(src_pipe.vae.state_dict(), strict=False)
     if unexpected or any(not k.startswith("context.") for k in missing):
         raise SystemExit(f"train.toy: the autoencoder in {src} does not fit this version's FrameAE "
@@ -457,6 +480,7 @@ def harden_trained(src: Path, out: Path, steps: int, args, log) -> int:
     log(f"shipped ({meta['shipped']} student, hardened decoder): {scores['shipped']}; autoencoder PSNR {psnr:.2f} dB")
     timings = dict(meta["timings"], decoder=info, decoder_metrics=round(time.perf_counter() - t0 - info["seconds"], 1))
     training["decoder_command"] = " ".join(["python -m train.toy"] + args.argv)
+    training["decoder_device"] = device_name(device)
     text = types.SimpleNamespace(context=pipe.text_encoder.emb[None])
     extra = {k: v for k, v in meta.items() if k not in ("model", "stream", "sha256")}
     extra |= dict(metrics=scores, autoencoder_psnr_db=round(psnr, 2), timings=timings, training=training)
