@@ -16,22 +16,25 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="esp
                                   "(apt-get install espeak-ng): train.toy synthesises speech with it")
 
 
-def probe_for(audio: np.ndarray, clips: int = 30, steps: int = 250):
-    """A mouth-reading probe trained on synthetic ground truth: random identities rendered on random pieces of
-    the given audio (no espeak-ng needed)."""
-    from bench.quality import train_probe
+def clips_on(audio: np.ndarray, clips: int, seed0: int):
+    """Random identities (seeds seed0..) rendered on random pieces of the given audio (no espeak-ng needed)."""
     from train.data import ClipSet
     from train.synth import make_clip
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed0)
     made = []
     for i in range(clips):
         start = int(rng.integers(0, max(1, len(audio) - 16000)))
         piece = audio[start:start + int(16000 * SECONDS)] * float(rng.uniform(0.5, 1.0))
-        made.append(make_clip(300_000 + i, SECONDS, audio=piece))
-    data = ClipSet(frames=np.stack([c.frames for c in made]), audio=np.stack([c.audio for c in made]),
+        made.append(make_clip(seed0 + i, SECONDS, audio=piece))
+    return ClipSet(frames=np.stack([c.frames for c in made]), audio=np.stack([c.audio for c in made]),
                    mouth=np.stack([c.mouth_open for c in made]), roundness=np.stack([c.roundness for c in made]),
                    seeds=[c.seed for c in made])
-    return train_probe(data, steps=steps)
+
+
+def probe_for(audio: np.ndarray, clips: int = 30, steps: int = 250):
+    """A mouth-reading probe trained on synthetic ground truth."""
+    from bench.quality import train_probe
+    return train_probe(clips_on(audio, clips, 300_000), steps=steps)
 
 
 def test_shipped_files_and_budget():
@@ -43,6 +46,18 @@ def test_shipped_files_and_budget():
     assert meta["shipped"] in ("ode", "dmd") and meta["model"]["audio_features"] == "logmel"
     for name in ("hello.wav", "ref_0.png"):
         assert (TOY_ASSETS / name).is_file()
+
+
+def test_identity_probe_tells_faces_apart_and_ignores_the_mouth():
+    """bench.quality's identity yardstick (CSIM stand-in): unseen identities' own frames, with the mouth and head
+    moving, score near 1 against their reference image; another identity's frames score near 0."""
+    from bench.quality import identity_score, train_probes
+    speech = load_audio(TOY_ASSETS / "hello.wav")
+    probes = train_probes(clips_on(speech, 30, 300_000), steps=250)
+    faces = clips_on(speech, 4, 400_000).frames
+    same = [identity_score(probes, f[1:], f[0]) for f in faces]
+    other = [identity_score(probes, faces[(i + 1) % 4][1:], f[0]) for i, f in enumerate(faces)]
+    assert min(same) > 0.9 and max(other) < 0.5, (same, other)
 
 
 def test_demo_clip_mouth_follows_the_speech():

@@ -223,21 +223,21 @@ def gate(ode_m: dict, dmd_m: dict) -> tuple[str, str]:
 
 
 class Evaluation:
-    """The gate's yardstick: a probe trained on its own clips, 8 s streams of unseen identities for lip-sync,
-    identity and flicker, and 60 s streams for drift (bench/quality.py defines the metrics)."""
+    """The gate's yardstick: bench.quality's probes trained on their own clips, 8 s streams of unseen identities
+    for lip-sync, identity and flicker, and 60 s streams for drift (bench/quality.py defines the metrics)."""
 
     def __init__(self, clips: int, identities: int, smoke: bool):
-        from bench.quality import PROBE_SEED0, VAL_SEED0, train_probe
+        from bench.quality import PROBE_SEED0, VAL_SEED0, train_probes
         from train.synth import make_clip
-        self.probe, self.mean_emb = train_probe(make_clips(max(2, clips // 3), 4.0, PROBE_SEED0, desc="probe clips"))
+        self.probes = train_probes(make_clips(max(2, clips // 3), 4.0, PROBE_SEED0, desc="probe clips"))
         self.val = [make_clip(VAL_SEED0 + i, 8.0) for i in range(identities)]
         self.long = [make_clip(VAL_SEED0 + i, 8.0 if smoke else 60.0) for i in range(min(2, identities))]
 
     def score(self, pipe, stream: StreamConfig) -> dict:
         from bench.quality import evaluate
         # the reference loop (engine=False): the same computation on every device
-        short = evaluate(pipe, stream, self.probe, self.mean_emb, self.val, engine=False)
-        drift = evaluate(pipe, stream, self.probe, self.mean_emb, self.long, engine=False)
+        short = evaluate(pipe, stream, self.probes, self.val, engine=False)
+        drift = evaluate(pipe, stream, self.probes, self.long, engine=False)
         return {**short, "de2000_last10": drift["de2000_last10"], "de2000_60s": drift["de2000"]}
 
 
