@@ -191,10 +191,12 @@ def main(argv=None) -> int:
     result = dict(bench="quality", stream=stream.name, identities=args.identities, runs={})
     for seconds in args.seconds:
         clips = [make_clip(VAL_SEED0 + i, seconds) for i in range(args.identities)]
-        n = len(clips)      # the floors: a clip's true mouth track against another clip's audio, and another
+        # the floors: a clip's true mouth track against the next clip's audio, the next identity's frames against
+        # this clip's reference
+        n = len(clips)
         wrong = float(np.mean([pearson(clips[i].mouth_open[1:], clips[(i + 1) % n].mouth_open[1:]) for i in range(n)]))
         other = float(np.mean([identity_score(probes, clips[(i + 1) % n].frames[1:], clips[i].frames[0])
-                               for i in range(n)]))              # identity's frames against this reference
+                               for i in range(n)]))
         result["runs"][f"{seconds:g}s"] = {
             "ground truth": ground_truth(probes, clips),
             "generated": evaluate(pipe, stream, probes, clips),

@@ -34,8 +34,8 @@ class TextEmbedding(nn.Module):
 
 
 def randn(shape, generator: torch.Generator, device) -> Tensor:
-    """Standard normal noise drawn from a CPU generator, then moved to `device`: every stage draws its noise this
-    way, so a run on a GPU sees the very numbers a CPU run with the same seed sees."""
+    """Standard normal noise drawn from a CPU generator, then moved to `device`: the training stages draw their
+    noise this way, so a run on a GPU sees the numbers a CPU run with the same seed sees."""
     return torch.randn(shape, generator=generator).to(device)
 
 
