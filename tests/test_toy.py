@@ -26,9 +26,7 @@ def clips_on(audio: np.ndarray, clips: int, seed0: int):
         start = int(rng.integers(0, max(1, len(audio) - 16000)))
         piece = audio[start:start + int(16000 * SECONDS)] * float(rng.uniform(0.5, 1.0))
         made.append(make_clip(seed0 + i, SECONDS, audio=piece))
-    return ClipSet(frames=np.stack([c.frames for c in made]), audio=np.stack([c.audio for c in made]),
-                   mouth=np.stack([c.mouth_open for c in made]), roundness=np.stack([c.roundness for c in made]),
-                   seeds=[c.seed for c in made])
+    return ClipSet.of(made)
 
 
 def probe_for(audio: np.ndarray, clips: int = 30, steps: int = 250):

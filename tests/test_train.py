@@ -70,6 +70,15 @@ def test_teacher_records_states_exactly_at_stream_levels(toy):
     assert not any(torch.isclose(grid, torch.tensor(lv)).any() for lv in levels[1:])   # levels fall between grid points
 
 
+def random_clips():
+    """Two clips of 9 random frames (2 latents after the reference), silent: enough for the decoder step."""
+    from train.data import ClipSet
+    rng = np.random.default_rng(0)
+    return ClipSet(frames=rng.integers(0, 256, (2, 9, 64, 64, 3), dtype=np.uint8),
+                   audio=np.zeros((2, 5120), np.float32), mouth=np.zeros((2, 9), np.float32),
+                   roundness=np.zeros((2, 9), np.float32), seeds=[0, 1])
+
+
 def test_harden_decoder_trains_only_the_decoder():
     """The decoder phase trains the decoder and its temporal context layer but leaves the encoder (the latent
     space the DiT learns) and the global RNG untouched, its result is deterministic per seed, and the trained
@@ -77,11 +86,7 @@ def test_harden_decoder_trains_only_the_decoder():
     from runtime.config import ModelConfig
     from runtime.frame_ae import FrameAE
     from train.ae import harden_decoder
-    from train.data import ClipSet
-    rng = np.random.default_rng(0)
-    clips = ClipSet(frames=rng.integers(0, 256, (2, 9, 64, 64, 3), dtype=np.uint8),
-                    audio=np.zeros((2, 5120), np.float32), mouth=np.zeros((2, 9), np.float32),
-                    roundness=np.zeros((2, 9), np.float32), seeds=[0, 1])
+    clips = random_clips()
     torch.manual_seed(0)
     base = FrameAE(ModelConfig.preset("toy-talker", frame_ae_context=(2, 3)))
     runs = []
@@ -129,7 +134,6 @@ def test_stages_on_cuda_draw_the_cpu_noise(toy, exact_cuda):
     from runtime.config import ModelConfig
     from runtime.frame_ae import FrameAE
     from train.ae import harden_decoder
-    from train.data import ClipSet
     from train.distill import dmd_losses
     from train.teacher import teacher_loss
     pipe, text = toy
@@ -151,10 +155,7 @@ def test_stages_on_cuda_draw_the_cpu_noise(toy, exact_cuda):
     for a, b in zip(losses_gpu, losses):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-6)
 
-    rng = np.random.default_rng(0)
-    clips = ClipSet(frames=rng.integers(0, 256, (2, 9, 64, 64, 3), dtype=np.uint8),
-                    audio=np.zeros((2, 5120), np.float32), mouth=np.zeros((2, 9), np.float32),
-                    roundness=np.zeros((2, 9), np.float32), seeds=[0, 1])
+    clips = random_clips()
     torch.manual_seed(0)
     ae = FrameAE(ModelConfig.preset("toy-talker"))
     ae_gpu = copy.deepcopy(ae).to(dev)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from runtime.frame_ae import context_index, latent_of
+
 from .data import ClipSet, device_of, to_pixels
 from .teacher import cosine_lr, randn
 
@@ -82,7 +84,6 @@ def frame_codes(ae, clips: ClipSet, batch: int = 256) -> torch.Tensor:
 def frame_context(ae, frame: torch.Tensor, frames_per_clip: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoder's inputs for frames `frame` [B] of clips: (frame numbers [B, span]: the `context_index`
     neighbours, then the frame itself; masks [B, later])."""
-    from runtime.frame_ae import context_index
     index, mask = context_index(frame, ae.earlier, ae.later, ae.group)
     return torch.cat([index, frame.view(-1, 1)], 1).clamp_max(frames_per_clip - 1), mask
 
@@ -104,7 +105,6 @@ def harden_decoder(ae, clips: ClipSet, code_std, *, steps: int, noise: float = 0
     a random frame t >= 1 of a clip with its `context_index` neighbours; latent 0 (the reference) stays exact, as
     the stream's anchor latent is the encoded image. All randomness comes from `seed` (numpy + a
     torch.Generator), not the global RNG."""
-    from runtime.frame_ae import latent_of
     rng, g, dev = np.random.default_rng(seed), torch.Generator().manual_seed(seed), device_of(ae)
     ae.requires_grad_(False)
     codes = frame_codes(ae, clips)                                           # [N, T, code, h, w]

@@ -38,6 +38,14 @@ class ClipSet:
     def audio_frames(self) -> int:
         return self.frames.shape[1] - 1
 
+    @classmethod
+    def of(cls, clips: list) -> "ClipSet":
+        """Stack train.synth Clips (equal lengths) into one set."""
+        return cls(frames=np.stack([c.frames for c in clips]), audio=np.stack([c.audio for c in clips]),
+                   mouth=np.stack([c.mouth_open for c in clips]).astype(np.float32),
+                   roundness=np.stack([c.roundness for c in clips]).astype(np.float32),
+                   seeds=[c.seed for c in clips])
+
     def sha256(self) -> str:
         h = hashlib.sha256()
         for a in (self.frames, self.audio, self.mouth, self.roundness):
@@ -48,11 +56,7 @@ class ClipSet:
 def make_clips(n: int, seconds: float, seed0: int, desc: str = "clips") -> ClipSet:
     """n clips of `seconds` each from seeds seed0 .. seed0 + n - 1 (deterministic per seed on one machine)."""
     from train.synth import make_clip
-    clips = [make_clip(seed0 + i, seconds) for i in tqdm(range(n), desc=desc, unit="clip")]
-    return ClipSet(frames=np.stack([c.frames for c in clips]), audio=np.stack([c.audio for c in clips]),
-                   mouth=np.stack([c.mouth_open for c in clips]).astype(np.float32),
-                   roundness=np.stack([c.roundness for c in clips]).astype(np.float32),
-                   seeds=[c.seed for c in clips])
+    return ClipSet.of([make_clip(seed0 + i, seconds) for i in tqdm(range(n), desc=desc, unit="clip")])
 
 
 def to_pixels(frames: np.ndarray, device="cpu") -> Tensor:
