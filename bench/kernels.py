@@ -48,7 +48,7 @@ def time_cuda(fn, reps: int) -> dict:
 def bench_attention(shape, dtype, reps, peak):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.ring_attention import ring_attention
+    from runtime.kernels.ring_attention import ring_attention
     g = torch.Generator("cuda").manual_seed(0)
     mk = lambda s: torch.randn(1, s, HEADS, HEAD_DIM, device="cuda", dtype=dtype, generator=g)  # noqa: E731
     q, wk, wv = mk(shape["s_q"]), mk(shape["s_q"]), mk(shape["s_q"])
@@ -82,7 +82,7 @@ def bench_attention(shape, dtype, reps, peak):
 
 
 def bench_rope(shape, dtype, reps, peak):
-    from kernels.rope import qk_norm_rope, qk_norm_rope_ref
+    from runtime.kernels.rope import qk_norm_rope, qk_norm_rope_ref
     from runtime.rope import axis_tables
     s = shape["s_q"]
     g = torch.Generator("cuda").manual_seed(0)
@@ -96,7 +96,7 @@ def bench_rope(shape, dtype, reps, peak):
 
 
 def bench_audio_inject(shape, dtype, reps, peak):
-    from kernels.audio_inject import audio_inject, audio_inject_ref
+    from runtime.kernels.audio_inject import audio_inject, audio_inject_ref
     s, frames = shape["s_q"], shape["s_q"] // TOKENS_PER_FRAME
     g = torch.Generator("cuda").manual_seed(0)
     r = torch.randn(1, s, DIM, device="cuda", dtype=dtype, generator=g)

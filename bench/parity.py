@@ -72,7 +72,7 @@ def backend_kwargs(name: str, pipe, stream, workdir: str) -> dict:
     if name == "reference":
         return dict(engine=False)
     if name == "triton":
-        from kernels import HAS_TRITON
+        from runtime.kernels import HAS_TRITON
         if not HAS_TRITON:
             raise RuntimeError("triton is not installed")
         return dict(engine=False)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import HAS_TRITON
+from .kernels import HAS_TRITON
 
 from .config import ModelConfig
 from .rope import apply_rope
@@ -129,8 +129,8 @@ class SelfAttention(_Projections):
 
     def _forward_kernels(self, x, rope, prefix):
         """Fused q/k RMSNorm + RoPE, then attention over the prefix segments and the window without a concat."""
-        from kernels.ring_attention import ring_attention
-        from kernels.rope import qk_norm_rope
+        from .kernels.ring_attention import ring_attention
+        from .kernels.rope import qk_norm_rope
         v = self.v(x).view(*x.shape[:2], self.num_heads, self.head_dim)
         q_rot, k_rot, k_pre = qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight,
                                            rope.axes, self.num_heads, self.norm_q.eps)
@@ -179,7 +179,7 @@ class Block(nn.Module):
         # shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn; each [B, F, 1, C]
         m = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
         if use_kernels:
-            from kernels.audio_inject import audio_inject
+            from .kernels.audio_inject import audio_inject
             x, h = audio_inject(x, m[0].squeeze(2), m[1].squeeze(2), audio, self.norm1.eps)
         else:
             if audio is not None:          # residual-stream add, broadcast over the frame's tokens

@@ -299,7 +299,7 @@ class _PendingFrames:
 
 def _rotate(use_kernels: bool):
     if use_kernels:
-        from kernels.rope import rope_rotate
+        from .kernels.rope import rope_rotate
         return lambda k, rope: rope_rotate(k, rope.axes)
     from .rope import apply_rope
     return lambda k, rope: apply_rope(k, *rope.full)

@@ -119,5 +119,5 @@ def _rotate_ref(k: Tensor, rope: Rope) -> Tensor:
 
 
 def _rotate_kernel(k: Tensor, rope: Rope) -> Tensor:
-    from kernels.rope import rope_rotate
+    from .kernels.rope import rope_rotate
     return rope_rotate(k, rope.axes)

@@ -1,7 +1,7 @@
 """Test set-up: Triton kernels run under the CPU interpreter when there is no GPU.
 
 TRITON_INTERPRET must be set before any `@triton.jit` decorates (triton reads it then), so it is set here,
-before the test modules import `kernels`.
+before the test modules import `runtime.kernels`.
 """
 import os
 

@@ -141,7 +141,7 @@ def test_step_flops_equal_torch_flop_counter_at_full_size():
     forward; step_flops must agree to 0.1% (it leaves out only elementwise work and the tiny AudioPack matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kernels.rope import rope_rotate_ref
+    from runtime.kernels.rope import rope_rotate_ref
     from runtime.config import ModelConfig
     from runtime.dit import AvatarDiT, Prefix
     from runtime.rope import Rope

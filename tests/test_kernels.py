@@ -7,9 +7,9 @@ reference plus a rounding term (the flash-attention convention), so a kernel may
 import pytest
 import torch
 
-from kernels.audio_inject import audio_inject, audio_inject_ref
-from kernels.ring_attention import ring_attention, ring_attention_ref
-from kernels.rope import qk_norm_rope, qk_norm_rope_ref, rope_rotate, rope_rotate_ref
+from runtime.kernels.audio_inject import audio_inject, audio_inject_ref
+from runtime.kernels.ring_attention import ring_attention, ring_attention_ref
+from runtime.kernels.rope import qk_norm_rope, qk_norm_rope_ref, rope_rotate, rope_rotate_ref
 from runtime.rope import axis_pairs, axis_tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,17 +4,16 @@
     ring_attention.py  attention over [anchor | temporal ring (wrap-around) | window] held in separate buffers
     audio_inject.py    residual += per-frame audio token, then LayerNorm and per-frame adaLN modulation
 
-`HAS_TRITON` says whether triton imports. Kernels run on CUDA, or on CPU tensors under TRITON_INTERPRET=1
+`HAS_TRITON` says whether triton is installed; it is looked up, not imported, so that importing the runtime stays
+cheap (the kernel modules import triton themselves). Kernels run on CUDA, or on CPU tensors under TRITON_INTERPRET=1
 (set before this package is imported: triton reads it when `@triton.jit` decorates). The DiT decides whether to
 call them (runtime/dit.py `use_kernels`); nothing here swaps implementations behind the caller's back.
 """
+import importlib.util
 import os
 
-try:
-    import triton  # noqa: F401
-    HAS_TRITON = True
-except ImportError:        # the runtime works without triton: it uses the PyTorch reference path
-    HAS_TRITON = False
+# The runtime works without triton: it uses the PyTorch reference path.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
