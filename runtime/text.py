@@ -24,7 +24,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from .config import ModelConfig
 
@@ -82,7 +81,7 @@ def map_wan_t5_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return mapped
 
 
-def umt5_config_from_wan(state: dict[str, Tensor]) -> UMT5Config:
+def umt5_config_from_wan(state: dict[str, Tensor]):
     """The encoder's shape, read from the Wan state dict (umT5-XXL: 4096 wide, 24 layers, 64 heads x 64, ffn 10240)."""
     needed = ["token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.pos_embedding.embedding.weight",
               "blocks.0.ffn.fc1.weight"]
@@ -98,7 +97,8 @@ def umt5_config_from_wan(state: dict[str, Tensor]) -> UMT5Config:
                         heads=heads, buckets=buckets)
 
 
-def _umt5_config(*, vocab, d_model, d_kv, d_ff, layers, heads, buckets=NUM_BUCKETS) -> UMT5Config:
+def _umt5_config(*, vocab, d_model, d_kv, d_ff, layers, heads, buckets=NUM_BUCKETS):
+    from transformers import UMT5Config
     return UMT5Config(vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_heads=heads,
                       relative_attention_num_buckets=buckets, relative_attention_max_distance=MAX_DISTANCE,
                       feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
@@ -113,7 +113,8 @@ def byte_tokens(text: str, text_len: int) -> list[int]:
 class TextEncoder:
     """umT5 encoder + tokenizer; `encode(text)` -> [text_len, text_dim] float32 on the CPU, padding rows zero."""
 
-    def __init__(self, model: UMT5EncoderModel, text_len: int, tokenizer=None):
+    def __init__(self, model, text_len: int, tokenizer=None):
+        """`model`: a transformers UMT5EncoderModel."""
         self.model = model.eval().requires_grad_(False)
         self.text_len = text_len
         self.tokenizer = tokenizer          # a transformers tokenizer, or None for the byte fallback
@@ -135,6 +136,7 @@ class TextEncoder:
                              "expected Wan's models_t5_umt5-xxl-enc-bf16.pth") from None
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
             raise ValueError(f"{str(pth_path)!r} is not a plain state dict of tensors (Wan's umT5 encoder format)")
+        from transformers import AutoTokenizer, UMT5EncoderModel
         with torch.device("meta"):
             model = UMT5EncoderModel(umt5_config_from_wan(state))
         mapped = {k: v.to(dtype) for k, v in map_wan_t5_keys(state).items()}
@@ -156,6 +158,7 @@ class TextEncoder:
         if cfg.t5_vocab < 256 + BYTE_OFFSET:
             raise ValueError(f"ModelConfig {cfg.name!r}: t5_vocab={cfg.t5_vocab} is too small for the byte "
                              f"tokenizer (needs >= {256 + BYTE_OFFSET})")
+        from transformers import UMT5EncoderModel
         config = _umt5_config(vocab=cfg.t5_vocab, d_model=cfg.text_dim, d_kv=cfg.t5_d_kv, d_ff=cfg.t5_ffn,
                               layers=cfg.t5_layers, heads=cfg.t5_heads)
         with torch.random.fork_rng(devices=[]):      # seed the init without touching the caller's RNG
