@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from .config import ModelConfig
 from .media import validate_pcm
@@ -50,6 +50,7 @@ SAMPLES_PER_FRAME = ModelConfig().samples_per_frame  # 640 samples = one 25 fps 
 # wav2vec2-base feature encoder: 7 convolutions, total stride 320 samples (50 Hz), receptive field 400 samples.
 CONV_KERNELS = (10, 3, 3, 3, 3, 2, 2)
 CONV_STRIDES = (5, 2, 2, 2, 2, 2, 2)
+RECEPTIVE_FIELD = 400                                 # samples under one CNN output frame
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 MIN_BUFFER = 16 * SAMPLES_PER_FRAME                   # smallest sample buffer a stream keeps allocated
 DOWNLOAD_HINT = "download facebook/wav2vec2-base-960h (e.g. `huggingface-cli download facebook/wav2vec2-base-960h " \
@@ -64,12 +65,21 @@ def num_audio_frames(num_samples: int) -> int:
 class Wav2Vec2Features:
     """A wav2vec2 encoder (eval, float32) and its feature extractor, producing per-video-frame feature rows."""
 
-    def __init__(self, model: Wav2Vec2Model, extractor: Wav2Vec2FeatureExtractor):
+    def __init__(self, model, extractor):
+        """`model`: a transformers Wav2Vec2Model; `extractor`: its Wav2Vec2FeatureExtractor."""
         if not extractor.do_normalize:
             raise ValueError("the wav2vec2 feature extractor must have do_normalize=True (the official features "
                              "are computed on normalised audio)")
         self.model = model.float().eval().requires_grad_(False)
         self.extractor = extractor
+        # The only change the official code makes to Wav2Vec2Model.forward is a linear interpolation of the CNN
+        # output to the frame count; one hook, registered once, inserts it so that transformers runs everything
+        # else as released. The frame count of the call in flight is per thread: a pipeline shared by threads
+        # never mutates the model per call.
+        self._call = threading.local()
+        self._first_call = threading.Lock()       # transformers >= 5 installs its capture hooks on the first call
+        self._warm = False
+        model.feature_extractor.register_forward_hook(self._to_frame_rate)
         # transformers >= 5 records hidden states through hooks and raises if output_attentions is set with SDPA;
         # attentions are never needed here, so the config is left as loaded.
 
@@ -77,6 +87,7 @@ class Wav2Vec2Features:
     @classmethod
     def random(cls, cfg: ModelConfig, seed: int) -> "Wav2Vec2Features":
         """Random weights with the wav2vec2-base layout scaled by the cfg.wav2vec_* fields; same seed, same weights."""
+        from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
         config = Wav2Vec2Config(
             hidden_size=cfg.wav2vec_hidden, num_hidden_layers=cfg.wav2vec_layers,
             num_attention_heads=cfg.wav2vec_heads, intermediate_size=cfg.wav2vec_ffn,
@@ -107,7 +118,13 @@ class Wav2Vec2Features:
             missing.append(" or ".join(WEIGHT_FILES))
         if missing:
             raise FileNotFoundError(f"wav2vec2 directory {str(path)!r} lacks {', '.join(missing)}; {DOWNLOAD_HINT}")
-        model, info = Wav2Vec2Model.from_pretrained(path, local_files_only=True, output_loading_info=True)
+        import transformers
+        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+        # transformers >= 4.54 takes `use_kernels`, and later 5.x releases default it on: it would swap layers for
+        # Hugging Face hub kernels (a download) unless USE_HUB_KERNELS=0. The released forward is what is wanted.
+        version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+        no_hub = {"use_kernels": False} if version >= (4, 54) else {}
+        model, info = Wav2Vec2Model.from_pretrained(path, local_files_only=True, output_loading_info=True, **no_hub)
         # transformers fills missing weights with random ones and only logs it; refuse instead. masked_spec_embed
         # is a training-time masking vector, unused here. (A CTC checkpoint's lm_head is unexpected and ignored.)
         missing = sorted(k for k in info["missing_keys"] if k != "masked_spec_embed")
@@ -140,24 +157,24 @@ class Wav2Vec2Features:
         return np.asarray(values[0], dtype=np.float32).reshape(-1)
 
     def encode(self, normalized: np.ndarray, num_frames: int, keep_device: bool = False) -> Tensor:
-        """Normalised samples [num_frames * 640] -> feature rows [num_frames, width] (no zero row), float32 on the
+        """Normalised samples [num_frames * 640] (the last frame may be partial) -> feature rows [num_frames, width] (no zero row), float32 on the
         CPU, or left on the encoder's device with `keep_device` (no device-to-host copy: the GPU engine uses it)."""
-        if normalized.shape != (num_frames * SAMPLES_PER_FRAME,):
-            raise ValueError(f"encode needs exactly {num_frames} x {SAMPLES_PER_FRAME} samples, "
-                             f"got shape {normalized.shape}")
+        if normalized.ndim != 1 or num_audio_frames(len(normalized)) != num_frames or \
+                len(normalized) < RECEPTIVE_FIELD:
+            raise ValueError(f"encode needs {num_frames} x {SAMPLES_PER_FRAME} samples (the last frame may be "
+                             f"partial, at least {RECEPTIVE_FIELD} samples in all), got shape {normalized.shape}")
 
-        def to_frame_rate(module, inputs, cnn):          # cnn: [1, C_cnn, 2F - 1] -> [1, C_cnn, F]
-            return F.interpolate(cnn, size=num_frames, mode="linear", align_corners=True)
-
-        # The only change the official code makes to Wav2Vec2Model.forward is this interpolation right after the
-        # CNN; a forward hook inserts it so that transformers runs everything else as released.
-        hook = self.model.feature_extractor.register_forward_hook(to_frame_rate)
+        x = torch.from_numpy(np.ascontiguousarray(normalized)).to(self.device)[None]              # [1, S]
+        self._call.frames = num_frames
         try:
-            with torch.no_grad():
-                x = torch.from_numpy(np.ascontiguousarray(normalized)).to(self.device)[None]   # [1, S]
-                out = self.model(x, output_hidden_states=True)
+            if self._warm:
+                out = self._forward(x)
+            else:
+                with self._first_call:
+                    out = self._forward(x)
+                    self._warm = True
         finally:
-            hook.remove()
+            self._call.frames = None
         expected = self.model.config.num_hidden_layers + 1
         if out.hidden_states is None or len(out.hidden_states) != expected:
             got = None if out.hidden_states is None else len(out.hidden_states)
@@ -166,12 +183,26 @@ class Wav2Vec2Features:
         rows = torch.cat([out.last_hidden_state, *out.hidden_states], dim=-1)[0]             # [F, width]
         return rows.float() if keep_device else rows.float().cpu()
 
+    def _forward(self, x: Tensor):
+        with torch.no_grad():
+            return self.model(x, output_hidden_states=True)
+
+    def _to_frame_rate(self, module, inputs, cnn: Tensor):
+        """Forward hook on the CNN: [1, C_cnn, 2F - 1] -> [1, C_cnn, F] for the F frames of this thread's call."""
+        frames = getattr(self._call, "frames", None)
+        if frames is None:                  # the model called directly, not through encode(): leave it as released
+            return None
+        return F.interpolate(cnn, size=frames, mode="linear", align_corners=True)
+
     def clip(self, pcm, num_frames: int) -> Tensor:
         """Official whole-clip features [num_frames + 1, width], CPU float32; row 0 is zeros, row r >= 1 is audio
         frame r - 1 (samples [640 (r - 1), 640 r)).
 
-        The pcm is normalised as a whole and then cut to num_frames * 640 samples. If it is shorter than that, the
-        normalised samples are zero-padded at the end; the official data loader would skip such a clip instead.
+        The pcm is normalised as a whole and then cut to num_frames * 640 samples. Audio that ends inside the last
+        frame is used as it is, unpadded, as the official loader does (`utils/dataset.py`: a clip is skipped only
+        when ceil(samples / 640) < num_frames, then cut to num_frames * 640 samples): the CNN sees fewer samples and
+        its frames are interpolated to num_frames. Audio shorter than that by a whole frame or more, which the
+        official code would skip, is zero-padded after the normalisation (`generate` uses this to cover a clip).
         """
         pcm = validate_pcm(pcm)
         if not _is_index(num_frames) or num_frames < 1:
@@ -179,7 +210,7 @@ class Wav2Vec2Features:
         num_frames = int(num_frames)
         needed = num_frames * SAMPLES_PER_FRAME
         x = self.normalize(pcm)[:needed]
-        if len(x) < needed:
+        if num_audio_frames(len(x)) < num_frames or len(x) < RECEPTIVE_FIELD:
             x = np.concatenate([x, np.zeros(needed - len(x), np.float32)])
         rows = self.encode(x, num_frames)
         return torch.cat([rows.new_zeros(1, rows.shape[1]), rows])

@@ -45,9 +45,10 @@ def reference_features(model, pcm: np.ndarray, num_frames: int) -> np.ndarray:
     """The official extraction spelled out with the model's submodules: [num_frames + 1, width]."""
     x = (pcm - pcm.mean()) / np.sqrt(pcm.var() + 1e-7)                        # whole-pcm normalisation
     x = x[:num_frames * SAMPLES_PER_FRAME]
-    x = np.pad(x, (0, num_frames * SAMPLES_PER_FRAME - len(x)))              # short audio: pad after normalising
+    if -(-len(x) // SAMPLES_PER_FRAME) < num_frames:        # short by whole frames (not official): pad after normalising
+        x = np.pad(x, (0, num_frames * SAMPLES_PER_FRAME - len(x)))
     with torch.no_grad():
-        cnn = model.feature_extractor(torch.from_numpy(x.astype(np.float32))[None])[0].T.numpy()   # [2F-1, C]
+        cnn = model.feature_extractor(torch.from_numpy(x.astype(np.float32))[None])[0].T.numpy()   # [~2F-1, C]
         cnn = interpolate_align_corners(cnn, num_frames)
         h, _ = model.feature_projection(torch.from_numpy(cnn)[None])
         encoder = model.encoder
@@ -124,6 +125,32 @@ def test_clip_pads_short_audio_after_normalisation(enc):
     # padding before normalising would pad with -mean/std instead of 0: visibly different rows
     raw_padded = np.pad(pcm, (0, 40 * SAMPLES_PER_FRAME - len(pcm)))
     assert (enc.clip(raw_padded, 40) - got).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("short", [40, 300])
+def test_clip_takes_audio_ending_inside_the_last_frame_unpadded(enc, short):
+    """The official loader keeps a clip when ceil(samples / 640) reaches the frame count and runs wav2vec2 on the
+    samples as they are (no padding): 300 samples short leaves the CNN one frame fewer (2F - 2), 40 short the same
+    count over fewer samples; the first GroupNorm's statistics see the difference either way."""
+    frames = 40
+    pcm = chirps(3.0)[:frames * SAMPLES_PER_FRAME - short]
+    got = enc.clip(pcm, frames)
+    np.testing.assert_allclose(got.numpy(), reference_features(enc.model, pcm, frames), rtol=1e-4, atol=1e-5)
+    padded = np.pad(pcm, (0, short))      # zero-padding the raw samples would be a different input
+    assert (enc.clip(padded, frames) - got).abs().max() > 1e-4
+
+
+def test_encoder_shared_by_threads_matches_sequential_runs(enc):
+    """One encoder, calls of different lengths from 4 threads at once: each gets exactly its sequential result (the
+    frame count of a call is per thread, nothing on the shared model changes per call)."""
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = [(chirps(1.0 + 0.3 * i, seed=i), frames) for i, frames in enumerate((25, 31, 20, 36, 12, 40, 17, 28))]
+    expected = [enc.clip(pcm, frames) for pcm, frames in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda job: enc.clip(*job), jobs))
+            for want, have in zip(expected, got):
+                assert torch.equal(want, have)
 
 
 def test_clip_errors(enc):
