@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -310,3 +311,12 @@ def load_json(path: str | Path) -> dict:
     if "stream" in data:
         data["stream"] = StreamConfig.from_dict(data["stream"])
     return data
+
+
+def check_seed(seed) -> int:
+    """A seed as a plain int in [0, 2**63) (a torch.Generator's range); numpy integers are accepted."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int in [0, 2**63), got {type(seed).__name__} {seed!r}")
+    if not 0 <= int(seed) < 2 ** 63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {int(seed)}")
+    return int(seed)

@@ -19,14 +19,16 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .audio import LogMelFeatures, StreamingAudioFeatures, Wav2Vec2Features
-from .config import TOY_ASSETS, ModelConfig, StreamConfig
+from .config import TOY_ASSETS, ModelConfig, StreamConfig, check_seed
 from .dit import AvatarDiT, init_random_
 from .frame_ae import FrameAE
 from .media import load_audio
+from .scheduler import build_plan
 from .session import StreamSession
 from .text import TextEncoder, load_text_embedding
 from .tiny_decoder import TAEHV
@@ -66,11 +68,13 @@ class AvatarPipeline:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_preset(cls, name: str = "tiny", *, device="cpu", dtype=torch.float32, seed: int = 0,
+    def from_preset(cls, name: str = "tiny", *, device=None, dtype=torch.float32, seed: int = 0,
                     **overrides) -> "AvatarPipeline":
         """All components with deterministic random weights (`device="meta"`: shapes only, no memory).
         `overrides` change ModelConfig fields of the preset, e.g. `decoder="taehv"`. The `toy-talker` preset
-        loads its shipped trained weights instead (`random_weights=True` for a random one, as training starts)."""
+        loads its shipped trained weights instead (`random_weights=True` for a random one, as training starts).
+        `device`: default "cuda" when CUDA is available, else "cpu"; `dtype` default float32."""
+        device, dtype, seed = resolve_device(device, allow_meta=True), resolve_dtype(dtype), check_seed(seed)
         if name == "toy-talker" and not overrides.pop("random_weights", False):
             return cls.from_toy(TOY_ASSETS, device=device, dtype=dtype)
         overrides.pop("random_weights", None)
@@ -89,9 +93,10 @@ class AvatarPipeline:
                    dtype=dtype, random_components=parts)
 
     @classmethod
-    def from_toy(cls, path: str | Path = TOY_ASSETS, *, device="cpu", dtype=torch.float32) -> "AvatarPipeline":
+    def from_toy(cls, path: str | Path = TOY_ASSETS, *, device=None, dtype=torch.float32) -> "AvatarPipeline":
         """The toy-talker written by `python -m train.toy` (toy-talker.safetensors + toy-talker.json)."""
         from safetensors.torch import load_file
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
         path = Path(path)
         weights, meta_file = path / "toy-talker.safetensors", path / "toy-talker.json"
         if not weights.is_file() or not meta_file.is_file():
@@ -114,12 +119,15 @@ class AvatarPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, dit=None, vae=None, wav2vec=None, text=None,
                         tokenizer=None, taehv=None, preset: str = "wan-1.3b", lora: str = "merge",
-                        lora_alpha: float = 64.0, use_ema: bool = False, device="cuda",
-                        dtype=torch.bfloat16, seed: int = 0) -> "AvatarPipeline":
+                        lora_alpha: float = 64.0, use_ema: bool = False, device=None,
+                        dtype=None, seed: int = 0) -> "AvatarPipeline":
         """Load released weights. `path`: a directory in the official download layout (see weights.py and the
         README); keywords point at single files and override it. A component not found is built with random
-        weights and a warning names it."""
+        weights and a warning names it. `device`: default "cuda" when CUDA is available, else "cpu"; `dtype`:
+        default bfloat16 on CUDA (the official computation), float32 on the CPU."""
         from .weights import load_dit, load_vae, resolve_layout
+        device, seed = resolve_device(device), check_seed(seed)
+        dtype = resolve_dtype(dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
         cfg = ModelConfig.preset(preset)
         found = resolve_layout(path) if path is not None else {}
         paths = {"dit": dit or found.get("dit"), "vae": vae or found.get("vae"),
@@ -226,15 +234,21 @@ class AvatarPipeline:
         cfg = self.config
         audio_frames = math.ceil(len(pcm) / cfg.samples_per_frame)
         limit = None
-        if num_latent_frames is None:
+        if num_latent_frames is not None:
+            if isinstance(num_latent_frames, bool) or not isinstance(num_latent_frames, (int, np.integer)):
+                raise TypeError(f"num_latent_frames must be an int, got {num_latent_frames!r}")
+            num_latent_frames = int(num_latent_frames)
+            build_plan(stream, num_latent_frames)            # names the valid lengths before any audio check
+        else:
             per_block = stream.block_frames * cfg.audio_frames_per_latent
             num_latent_frames = 1 + stream.block_frames * math.ceil(audio_frames / per_block)
             limit = 1 + audio_frames
         teacher_len = cfg.audio_frames_per_latent * num_latent_frames + 80   # the official extraction length
-        if limit is None and len(pcm) < teacher_len * cfg.samples_per_frame:
+        if limit is None and audio_frames < teacher_len:      # the official loader's rule: ceil(samples / 640)
             raise ValueError(f"audio is too short for num_latent_frames={num_latent_frames}: the official extraction "
-                             f"needs at least {teacher_len / cfg.fps:.2f} s ({teacher_len} frames), got "
-                             f"{len(pcm) / cfg.sample_rate:.2f} s; omit num_latent_frames to cover the audio given")
+                             f"needs {teacher_len} audio frames of 40 ms (more than {(teacher_len - 1) / cfg.fps:.2f} "
+                             f"s), got {audio_frames} ({len(pcm) / cfg.sample_rate:.2f} s); omit num_latent_frames "
+                             "to cover the audio given")
         feats = self.audio_encoder.clip(pcm, teacher_len)[1:]                 # drop the zero row
         sess = StreamSession(self, image, stream=stream, text=text, seed=seed, fit=fit, features=feats,
                              num_latent_frames=num_latent_frames, noise="official", frame_limit=limit)
@@ -259,6 +273,47 @@ def codec_class(cfg: ModelConfig):
 def random_audio_encoder(cfg: ModelConfig, seed: int):
     """wav2vec2 with random weights, or the log-mel extractor (which has no weights)."""
     return LogMelFeatures.from_config(cfg) if cfg.audio_features == "logmel" else Wav2Vec2Features.random(cfg, seed)
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device=None, allow_meta: bool = False) -> torch.device:
+    """None -> "cuda" when CUDA is available, else "cpu". Accepts "cpu", "cuda", "cuda:N" or a torch.device
+    (and "meta", shapes only, where `allow_meta`); anything else is a ValueError that says what to pass."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a string such as 'cpu' or 'cuda', or a torch.device; got "
+                        f"{type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from None
+    allowed = ("cpu", "cuda", "meta") if allow_meta else ("cpu", "cuda")
+    if dev.type not in allowed:
+        raise ValueError(f"device {device!r} is not supported: the runtime runs on {' or '.join(map(repr, allowed))}"
+                         + (" ('meta' builds shapes only)" if allow_meta else ""))
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device {device!r} asked for, but {why}; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
+
+def resolve_dtype(dtype=None, default=torch.float32) -> torch.dtype:
+    """None -> `default`; a torch floating dtype or one of the names in DTYPES ("float32", "bf16", ...)."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype {dtype!r} is not supported; use torch.float32, torch.bfloat16 or torch.float16 "
+                     "(or their names: 'float32', 'bfloat16', 'float16')")
 
 
 def _stream(stream) -> StreamConfig:

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .config import StreamConfig
+from .config import StreamConfig, check_seed
 from .kv_cache import DualAnchorCache
 from .media import frames_to_uint8, prepare_image, validate_pcm
 from .rope import Rope
@@ -98,8 +98,7 @@ class StreamSession:
                  features: Tensor | None = None, num_latent_frames: int | None = None, noise: str = "stream",
                  frame_limit: int | None = None, engine: bool | None = None, compile: bool = False,
                  inference: bool = True, backend: str = "torch", onnx_dir=None):
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        seed = check_seed(seed)
         if noise not in ("stream", "official"):
             raise ValueError(f"noise={noise!r}: expected 'stream' or 'official'")
         if noise == "official" and num_latent_frames is None:

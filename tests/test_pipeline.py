@@ -19,6 +19,46 @@ def test_wan_1_3b_on_the_meta_device_allocates_nothing():
     assert pipe.dit.dtype == torch.bfloat16
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the defaults of a machine without CUDA")
+def test_defaults_without_cuda_are_the_cpu_in_float32():
+    assert AvatarPipeline.from_preset("tiny").device == torch.device("cpu")
+    toy = AvatarPipeline.from_preset("toy-talker")
+    assert (toy.device, toy.dtype) == (torch.device("cpu"), torch.float32)
+    with pytest.warns(UserWarning, match="random weights"):
+        pipe = AvatarPipeline.from_pretrained(preset="tiny")
+    assert (pipe.device, pipe.dtype, pipe.dit.dtype) == (torch.device("cpu"), torch.float32, torch.float32)
+    with pytest.raises(ValueError, match=r"device 'cuda' asked for, but .*use device='cpu'"):
+        AvatarPipeline.from_preset("tiny", device="cuda")
+
+
+def test_device_dtype_and_seed_arguments_are_checked_with_clear_messages():
+    from runtime.pipeline import resolve_device, resolve_dtype
+    assert resolve_dtype("bf16") == resolve_dtype("bfloat16") == resolve_dtype(torch.bfloat16) == torch.bfloat16
+    assert resolve_dtype("float32") == torch.float32 and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"dtype 'int8' is not supported; use torch.float32"):
+        resolve_dtype("int8")
+    with pytest.raises(ValueError, match="dtype torch.int64 is not supported"):
+        AvatarPipeline.from_preset("tiny", dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"device 'mps' is not supported: the runtime runs on 'cpu' or 'cuda'"):
+        AvatarPipeline.from_preset("toy-talker", device="mps")
+    with pytest.raises(ValueError, match=r"device 'meta' is not supported"):
+        AvatarPipeline.from_pretrained(preset="tiny", device="meta")
+    with pytest.raises(ValueError, match=r"device 'gpu' is not a device name; use 'cpu', 'cuda'"):
+        resolve_device("gpu")
+    with pytest.raises(TypeError, match="device must be a string"):
+        resolve_device(0.5)
+    a = AvatarPipeline.from_preset("tiny", seed=np.int64(3))               # numpy integers are seeds too
+    assert torch.equal(a.dit.blocks[0].self_attn.q.weight, AvatarPipeline.from_preset("tiny", seed=3)
+                       .dit.blocks[0].self_attn.q.weight)
+    image = np.full((64, 96, 3), 128, np.uint8)
+    assert a.session(image, seed=np.int64(7)).seed == 7
+    for bad, error in ((-1, ValueError), (2 ** 64, ValueError), ("3", TypeError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match=r"seed must be an int in \[0, 2\*\*63\)"):
+            AvatarPipeline.from_preset("tiny", seed=bad)
+        with pytest.raises(error, match=r"seed must be an int in \[0, 2\*\*63\)"):
+            a.session(image, seed=bad)
+
+
 def test_random_presets_are_deterministic_and_say_so():
     a, b = AvatarPipeline.from_preset("tiny", seed=3), AvatarPipeline.from_preset("tiny", seed=3)
     c = AvatarPipeline.from_preset("tiny", seed=4)

@@ -73,6 +73,20 @@ def test_generate_clip_is_the_official_computation(pipe, image):
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3   # uint8 truncation of equal-within-1e-6 floats
 
 
+def test_generate_clip_accepts_what_the_official_loader_accepts(pipe, image):
+    """The official loader keeps a clip whose last 40 ms frame is partial (ceil(samples / 640) frames): so does
+    generate(num_latent_frames=N), which needs 4 N + 80 audio frames; a whole frame less is refused."""
+    needed = (4 * 5 + 80) * SAMPLES_PER_FRAME
+    pcm = speechlike(needed / 16000 + 0.1)
+    assert pipe.generate(image, pcm[:needed - 300], stream="low-delay", num_latent_frames=5).shape[0] == 17
+    with pytest.raises(ValueError, match=r"needs 100 audio frames .*got 99"):
+        pipe.generate(image, pcm[:needed - SAMPLES_PER_FRAME], stream="low-delay", num_latent_frames=5)
+    with pytest.raises(ValueError, match=r"num_latent_frames=0 must be 1 \+ 1 \* n"):
+        pipe.generate(image, pcm, stream="low-delay", num_latent_frames=0)
+    with pytest.raises(TypeError, match="num_latent_frames must be an int"):
+        pipe.generate(image, pcm, stream="low-delay", num_latent_frames=5.0)
+
+
 # ---------------------------------------------------------------------------------------------- invariance
 def test_relative_step_is_translation_invariant_bitwise(pipe, image):
     cfg = pipe.config
@@ -124,6 +138,20 @@ def test_seeded_runs_are_identical_and_seeds_matter(pipe, image):
     a = run_chunks(pipe, image, pcm, [len(pcm)], seed=5)
     assert torch.equal(a, run_chunks(pipe, image, pcm, [len(pcm)], seed=5))
     assert not torch.equal(a[1:], run_chunks(pipe, image, pcm, [len(pcm)], seed=6)[1:])
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_pipeline_shared_by_threads_gives_the_sequential_frames(pipe, image, threads):
+    """Streams of different lengths through one pipeline (one wav2vec2) from several threads at once: every frame
+    equals the same stream run alone."""
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = [(speechlike(0.9 + 0.25 * i, seed=i), i) for i in range(threads)]
+    run = lambda job: pipe.generate(image, job[0], stream="low-delay", audio_mode="stream", seed=job[1])  # noqa: E731
+    expected = [run(job) for job in jobs]
+    with ThreadPoolExecutor(threads) as pool:
+        got = list(pool.map(run, jobs))
+    for want, have in zip(expected, got):
+        assert torch.equal(want, have)
 
 
 def test_generate_stream_equals_session(pipe, image):
