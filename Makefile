@@ -1,18 +1,29 @@
-# One-command set-up: every target installs into .venv at the repo root on first use.
-#   make demo   -> writes demo.mp4 from the sample shipped in runtime/assets
-#   make test   -> the CPU test suite (what CI runs)
+# One-command set-up: every target installs into .venv at the repo root on first use, from the lock file.
+#   make demo         -> writes demo.mp4 from the sample shipped in runtime/assets
+#   make test         -> the CPU test suite (what CI runs)
+#   make lock         -> re-resolve requirements-lock.txt from the ranges in pyproject.toml
+#   make test-latest  -> the suite on the newest versions the ranges allow, in a throwaway venv
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+LOCK := requirements-lock.txt
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
+EXTRAS := test,export,train
+PIP_VERSION := 26.3
+PIP_TOOLS_VERSION := 7.7.0
+# Exact versions the lock holds where the newest in range is not the one wanted: transformers 4.49.0 is the version
+# the official AvatarForcing code pins (its wav2vec2 features were checked bit for bit against it); `make
+# test-latest` covers the newest 5.x.
+LOCK_PINS := transformers==4.49.0
+LATEST_VENV ?= /tmp/avatar-runtime-latest
 
-.PHONY: install demo test test-all gpu-check clean
+.PHONY: install demo test test-all test-latest lock gpu-check clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# the CPU build of torch (CI and laptops); on a CUDA machine install torch first and this is a no-op
-	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.5"
-	$(PY) -m pip install -q -e ".[test,export,train]"
+	$(PY) -m pip install -q "pip==$(PIP_VERSION)"
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +36,30 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# pip-tools, not uv: it resolves with pip itself, so pip's configuration applies (here: the local CPU build of
+# torch, which uv does not see and would replace with a multi-GB CUDA build), and the lock installs with plain pip.
+# The lock keeps torch's version without its local build label (+cpu): pip then installs the platform's own build.
+lock:
+	python3 -m venv $(VENV)-lock
+	$(VENV)-lock/bin/pip install -q "pip==$(PIP_VERSION)" "pip-tools==$(PIP_TOOLS_VERSION)"
+	printf '%s\n' $(LOCK_PINS) > $(VENV)-lock/pins.txt
+	$(VENV)-lock/bin/pip-compile -q --upgrade --allow-unsafe --all-build-deps --strip-extras --no-emit-index-url \
+		--no-emit-find-links --extra $(subst $(comma), --extra ,$(EXTRAS)) --constraint $(VENV)-lock/pins.txt \
+		--output-file $(LOCK) pyproject.toml
+	sed -i -E 's/^(torch==[^+ ]+)\+[a-z0-9.]+/\1/; s|-c $(VENV)-lock/pins.txt|make lock: LOCK_PINS|' $(LOCK)
+	rm -rf $(VENV)-lock
+
+test-latest:
+	rm -rf $(LATEST_VENV)
+	python3 -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/pip install -q --upgrade ".[$(EXTRAS)]"
+	$(LATEST_VENV)/bin/pip check
+	$(LATEST_VENV)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|numpy|av|pillow|onnx|onnxruntime|onnxscript|triton|kernels|huggingface-hub|tokenizers|safetensors)=='
+	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+comma := ,
 
 # on a CUDA machine: every gpu test + GPU benchmarks -> bench/results/<date>-<gpu>.{json,md}.
 # Uses the machine's own python3 and CUDA torch (GPU images ship them; no venv, no downloads).
