@@ -17,8 +17,10 @@ Not here: audio features (audio.py), the VAE (vae.py), video input other than re
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from fractions import Fraction
@@ -298,19 +300,22 @@ class Mp4Writer:
         for frames in stream: w.write(frames)      # any number of frames per call, T = 0 allowed
     The file appears at `path` only when the block exits cleanly with at least one frame: frames go to a hidden
     temporary file beside it, renamed over `path` at the end, so an error never leaves a half-written mp4 nor
-    clobbers an existing file. yuv420p needs even sides: an odd width/height is padded by repeating the last
-    column/row. `scale` upsamples by an integer factor (nearest) before that, for tiny demo sizes. The audio track
-    is cut to the video's duration (ffmpeg's -shortest, as the official muxing); audio shorter than the video
-    leaves a shorter track.
+    clobbers an existing file. The temporary file is `.<name>.<pid>.<hex>.part` in the target's directory (name:
+    the target's file name, pid: the writing process, hex: 12 random hex digits), created by the constructor, so an
+    unwritable directory fails at once, not after the frames were computed. A process killed by SIGKILL cannot
+    remove its part: the next Mp4Writer for the same path deletes the parts whose pid is no longer running, and
+    never one of a live process (two writers to one path may run at once; the last to close wins).
+
+    yuv420p needs even sides: an odd width/height is padded by repeating the last column/row. `scale` upsamples by
+    an integer factor (nearest) before that, for tiny demo sizes. The audio track is cut to the video's duration
+    (ffmpeg's -shortest, as the official muxing); audio shorter than the video leaves a shorter track.
     """
 
     def __init__(self, path, fps: int = FPS, audio=None, crf: int = 18, preset: str = "medium", scale: int = 1):
         _require_media()
         if not isinstance(scale, int) or scale < 1:
             raise ValueError(f"scale must be a positive int, got {scale!r}")
-        self.path, self.fps, self.crf, self.preset, self.scale = Path(path), fps, crf, preset, scale
-        if not self.path.parent.is_dir():
-            raise FileNotFoundError(f"output directory {self.path.parent} does not exist")
+        self.path, self.fps, self.crf, self.preset, self.scale = self.check_path(path), fps, crf, preset, scale
         self._container = self._video = self._audio_stream = None
         self._pcm48 = None              # the AAC track's samples, float32 at AAC_RATE
         self._audio_pos = 0             # samples of _pcm48 already encoded
@@ -319,9 +324,37 @@ class Mp4Writer:
         self.frames_written = 0
         if audio is not None:
             self.set_audio(audio)
-        # Hidden, unique, beside the target (so the final rename stays on one filesystem); created by the first
-        # write with the user's umask (mkstemp would make the published mp4 owner-only).
-        self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.part")
+        remove_stale_parts(self.path)
+        # Hidden, unique, beside the target (so the final rename stays on one filesystem); created with the user's
+        # umask (mkstemp would make the published mp4 owner-only). The first write reopens it as the mp4.
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.part")
+        try:
+            os.close(os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except OSError as e:       # check_path passed, yet the directory refuses (read-only mount, name too long)
+            raise type(e)(f"cannot create the temporary file {self._tmp.name} in {self.path.parent}: {e.strerror}; "
+                          "choose another output path") from None
+
+    @staticmethod
+    def check_path(path) -> Path:
+        """Check that an mp4 can be written at `path` (without writing anything) and return it as a Path.
+
+        Raises IsADirectoryError (`path` is a directory), FileNotFoundError / NotADirectoryError (its parent is
+        missing / not a directory) or PermissionError (the parent is not writable), each saying what to pass."""
+        path = Path(path)
+        parent = path.parent
+        if path.is_dir():
+            raise IsADirectoryError(f"output path {path} is a directory; give a file path in it, e.g. "
+                                    f"{path / 'out.mp4'}")
+        if not parent.exists():
+            raise FileNotFoundError(f"output directory {parent} does not exist; create it first "
+                                    f"(mkdir -p {parent}) or write elsewhere")
+        if not parent.is_dir():
+            raise NotADirectoryError(f"output directory {parent} is not a directory; write to a path inside a "
+                                     "directory")
+        if not os.access(parent, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+            raise PermissionError(f"output directory {parent} is not writable; write to a directory you can "
+                                  "write to, or change its permissions")
+        return path
 
     def set_audio(self, audio) -> None:
         """Attach the audio track: float32 mono 16 kHz PCM or a file path. Must come before the first write."""
@@ -413,13 +446,14 @@ class Mp4Writer:
     def abort(self) -> None:
         """Discard everything written so far; the target path is left as it was."""
         self._closed = True
-        if self._container is not None:
-            try:
-                self._container.close()
-            except av.FFmpegError:
-                pass                               # a half-initialised container: the temp file goes anyway
-            self._container = None
-        self._tmp.unlink(missing_ok=True)
+        try:
+            if self._container is not None:
+                self._container, container = None, self._container
+                container.close()
+        except av.FFmpegError:
+            pass                                   # a half-initialised container: the temp file goes anyway
+        finally:                                   # even when a signal handler raises during the close
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "Mp4Writer":
         return self
@@ -429,6 +463,38 @@ class Mp4Writer:
             self.close()
         else:
             self.abort()
+
+
+def remove_stale_parts(path) -> list[Path]:
+    """Delete the `.<name>.<pid>.<hex>.part` files an Mp4Writer for `path` left behind when its process was killed
+    (see Mp4Writer); parts of running processes are kept. Returns the deleted paths."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[0-9a-f]{12}\.part")
+    removed = []
+    for part in path.parent.glob(f".{glob.escape(path.name)}.*.part"):
+        match = pattern.fullmatch(part.name)
+        if match and not _pid_alive(int(match.group(1))):
+            try:
+                part.unlink(missing_ok=True)       # missing: another writer swept it first
+            except OSError:
+                continue                           # not ours to delete (another user's, sticky directory)
+            removed.append(part)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (signal 0 checks without sending; EPERM means another user's)."""
+    if pid <= 0:
+        return False                               # os.kill(0 or -n) would address process groups
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:                          # a pid no system hands out
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------- reading back
