@@ -178,7 +178,10 @@ class AvatarPipeline:
 
     def encode_text(self, text) -> Tensor:
         """Text context [text_len, text_dim]: a string (through the text encoder, cached per string), a tensor,
-        or a path to an embedding file written by `runtime.text.save_text_embedding`."""
+        or a path to an embedding file written by `runtime.text.save_text_embedding`.
+
+        A model without a text encoder (no umT5 loaded: zeros; toy-talker: its trained context) takes only the
+        empty string, its fixed context; any other string is a ValueError rather than a prompt silently ignored."""
         cfg = self.config
         if isinstance(text, Tensor):
             emb = text
@@ -186,8 +189,7 @@ class AvatarPipeline:
             emb = load_text_embedding(text, cfg)
         elif isinstance(text, str):
             if text not in self._text_cache:
-                self._text_cache[text] = (self.text_encoder.encode(text) if self.text_encoder is not None
-                                          else torch.zeros(cfg.text_len, cfg.text_dim))
+                self._text_cache[text] = self._encode_string(text)
             emb = self._text_cache[text]
         else:
             raise TypeError(f"text must be a string, a tensor [text_len, text_dim] or an embedding file path, "
@@ -195,6 +197,18 @@ class AvatarPipeline:
         if tuple(emb.shape) != (cfg.text_len, cfg.text_dim):
             raise ValueError(f"text context must be [{cfg.text_len}, {cfg.text_dim}], got {tuple(emb.shape)}")
         return emb.to(device=self.device, dtype=self.dtype)
+
+    def _encode_string(self, text: str) -> Tensor:
+        encoder = self.text_encoder
+        if encoder is not None and not isinstance(encoder, _EmbeddingText):
+            return encoder.encode(text)
+        if text:
+            fixed = "no text encoder is loaded: it is zeros" if encoder is None else "one precomputed embedding"
+            raise ValueError(f"text {text!r} cannot be encoded: this model's text context is fixed ({fixed}), so "
+                             "a prompt would be ignored. Leave the text empty, or pass a text embedding instead: a "
+                             ".safetensors file written by runtime.text.save_text_embedding or a tensor "
+                             f"[{self.config.text_len}, {self.config.text_dim}]")
+        return torch.zeros(self.config.text_len, self.config.text_dim) if encoder is None else encoder.emb
 
     def streaming_audio(self, stream: StreamConfig) -> StreamingAudioFeatures:
         """A fresh incremental audio feature extractor with the stream's left context (log-mel is causal:

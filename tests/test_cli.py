@@ -1,5 +1,6 @@
 """`python -m runtime.generate` as a new user meets it: a SIGKILLed run's part file is removed by the next run to
-the same path, never the part of a run still in progress. Runs the shipped toy-talker (64x64, fast on a CPU)."""
+the same path, never the part of a run still in progress; a text prompt the model cannot use is refused.
+Runs the shipped toy-talker (64x64, fast on a CPU)."""
 import os
 import re
 import signal
@@ -11,9 +12,12 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 
+from runtime import AvatarPipeline
 from runtime import generate as cli
 from runtime import media
+from runtime.text import save_text_embedding
 
 REPO = Path(__file__).resolve().parents[1]
 PART = r"\.out\.mp4\.(\d+)\.[0-9a-f]{12}\.part"      # Mp4Writer's temporary file for out.mp4
@@ -63,6 +67,27 @@ def wait_for_frames(proc, directory: Path, log: Path) -> Path:
         time.sleep(0.05)
     proc.kill()
     pytest.fail(f"no frames written within 300 s:\n{log.read_text()}")
+
+
+# ------------------------------------------------------------------------------------ text the model cannot use
+
+def test_encode_text_refuses_strings_it_cannot_encode(tmp_path):
+    toy = AvatarPipeline.from_preset("toy-talker")
+    cfg = toy.config
+    context = toy.encode_text("")                              # the trained context, as before
+    assert torch.equal(context, toy.text_encoder.emb)
+    with pytest.raises(ValueError, match=r"'hello' cannot be encoded: this model's text context is fixed") as info:
+        toy.encode_text("hello")
+    assert ".safetensors" in str(info.value) and f"[{cfg.text_len}, {cfg.text_dim}]" in str(info.value)
+    other = torch.randn(cfg.text_len, cfg.text_dim)            # an embedding still replaces the fixed context
+    assert torch.equal(toy.encode_text(other), other)
+    save_text_embedding(tmp_path / "ctx.safetensors", other)
+    assert torch.equal(toy.encode_text(str(tmp_path / "ctx.safetensors")), other)
+
+    wan = AvatarPipeline.from_preset("wan-1.3b", device="meta")   # no umT5 built: the context is zeros
+    assert wan.text_encoder is None and wan.encode_text("").shape == (wan.config.text_len, wan.config.text_dim)
+    with pytest.raises(ValueError, match="no text encoder is loaded"):
+        wan.encode_text("hello")
 
 
 # ------------------------------------------------------------------------------------ stopped and killed runs
