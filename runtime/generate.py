@@ -4,12 +4,14 @@
     python -m runtime.generate --image me.png --audio talk.wav --out out.mp4 --weights DIR --device cuda
 
 The audio is pushed in real-time-sized chunks (default 200 ms), exactly as a live caller would, and frames are
-written as they come out. Exit codes: 0 ok, 2 bad input (the message says what to fix). A failed run leaves no
+written as they come out. Arguments and paths are checked before the model loads or the audio is decoded.
+Exit codes: 0 ok; 2 bad input or a failed run (one line "error: ..." says what to fix). A failed run leaves no
 partial mp4 behind, and an existing file at --out is only replaced by a complete one.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -56,12 +58,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_pipeline(args):
+def check_args(args):
+    """Every check that needs neither the model nor the decoded inputs, so that bad arguments fail at once.
+    Returns the (torch.device, torch.dtype) to build the pipeline with."""
     import torch
 
+    from .config import ModelConfig, StreamConfig, check_seed
+    from .media import Mp4Writer
+    from .pipeline import resolve_device, resolve_dtype
+    Mp4Writer.check_path(args.out)
+    if Path(args.out).suffix.lower() != ".mp4":
+        raise ValueError(f"--out must end in .mp4, got {Path(args.out).name!r}")
+    for flag, path in (("--image", args.image), ("--audio", args.audio)):
+        if path is not None and not Path(path).is_file():
+            what = "is not a file" if Path(path).exists() else "not found"
+            raise FileNotFoundError(f"{flag} {path}: {what}; pass an existing file")
+    if args.weights is not None and not Path(args.weights).is_dir():
+        raise FileNotFoundError(f"--weights {args.weights} is not a directory; pass the directory laid out as the "
+                                "official download (README section 'Real weights')")
+    if not (math.isfinite(args.chunk_ms) and args.chunk_ms > 0):
+        raise ValueError(f"--chunk-ms must be a positive, finite number of milliseconds (default 200), got "
+                         f"{args.chunk_ms:g}")
+    if args.scale is not None and args.scale < 1:
+        raise ValueError(f"--scale must be a positive integer (the upscale factor; 1 writes the model's own size), "
+                         f"got {args.scale}")
+    check_seed(args.seed)
+    preset = args.preset or ("wan-1.3b" if args.weights else DEFAULT_PRESET)
+    ModelConfig.preset(preset)                          # names the available presets when unknown
+    if args.stream is not None:
+        StreamConfig.preset(args.stream)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise ValueError(f"--device {args.device}: {err}") from None
+    return device, resolve_dtype(args.dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def build_pipeline(args, device, dtype):
     from .pipeline import AvatarPipeline
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     if args.weights:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -82,19 +116,23 @@ def run(args) -> Path:
     from tqdm import tqdm
 
     from .media import Mp4Writer, load_audio
+    device, dtype = check_args(args)
     out = Path(args.out)
-    if out.suffix.lower() != ".mp4":
-        raise ValueError(f"--out must end in .mp4, got {out.name!r}")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"output directory {out.parent} does not exist")
     preset = args.preset or ("wan-1.3b" if args.weights else DEFAULT_PRESET)
     sample_image, sample_audio = default_inputs(preset)
     image = args.image or sample_image
     fit = args.fit or ("crop" if args.image is None else "error")   # the shipped samples fit by cropping
     pcm = load_audio(args.audio or sample_audio)
-    pipe = build_pipeline(args)
+    pipe = build_pipeline(args, device, dtype)
+    try:
+        pipe.encode_text(args.text)                     # a prompt the model cannot use fails before generating
+    except ValueError as err:
+        raise ValueError(f"--text: {err}") from None
     cfg = pipe.config
-    scale = args.scale or max(1, 256 // max(cfg.height, cfg.width))  # tiny presets are upscaled for viewing
+    if args.scale is None:
+        scale = max(1, 256 // max(cfg.height, cfg.width))            # tiny presets are upscaled for viewing
+    else:
+        scale = args.scale
     total = 1 + -(-len(pcm) // cfg.samples_per_frame)
     with Mp4Writer(out, fps=cfg.fps, audio=pcm, scale=scale) as writer, \
             tqdm(total=total, unit="frame", desc="generating", file=sys.stderr) as bar:
@@ -105,7 +143,8 @@ def run(args) -> Path:
             bar.update(len(video))
         else:
             sess = pipe.session(image, stream=args.stream, text=args.text, seed=args.seed, fit=fit)
-            step = max(1, int(args.chunk_ms * cfg.sample_rate / 1000))
+            seconds = min(args.chunk_ms / 1000, len(pcm) / cfg.sample_rate)   # a huge --chunk-ms: one push
+            step = max(1, int(seconds * cfg.sample_rate))
             for start in range(0, len(pcm), step):
                 frames = sess.push_audio(pcm[start:start + step])
                 writer.write(frames.numpy())
@@ -122,7 +161,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
