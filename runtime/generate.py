@@ -5,15 +5,20 @@
 
 The audio is pushed in real-time-sized chunks (default 200 ms), exactly as a live caller would, and frames are
 written as they come out. Arguments and paths are checked before the model loads or the audio is decoded.
-Exit codes: 0 ok; 2 bad input or a failed run (one line "error: ..." says what to fix). A failed run leaves no
-partial mp4 behind, and an existing file at --out is only replaced by a complete one.
+Exit codes: 0 ok; 2 bad input or a failed run (one line "error: ..." says what to fix); 128 + N when stopped by
+signal N (SIGINT 130, SIGHUP 129, SIGTERM 143). A failed or stopped run leaves no partial mp4 behind, and an
+existing file at --out is only replaced by a complete one. A run killed by SIGKILL leaves its hidden part file;
+the next run to the same --out deletes it (see media.Mp4Writer).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import TOY_ASSETS
@@ -23,6 +28,17 @@ SAMPLE_IMAGE = ASSETS / "sample" / "face.png"
 SAMPLE_AUDIO = ASSETS / "sample" / "speech.wav"
 # The shipped default: the trained toy-talker when its weights are in the repo, else the random tiny preset.
 DEFAULT_PRESET = "toy-talker" if (TOY_ASSETS / "toy-talker.safetensors").is_file() else "tiny"
+# Signals that stop a run cleanly (the with-blocks unwind, so Mp4Writer removes its part file); the exit status is
+# 128 + the signal number, what a shell reports for a process the signal killed. SIGKILL cannot be caught.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """A stop signal arrived. BaseException, as KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def default_inputs(preset: str) -> tuple[Path, Path]:
@@ -157,10 +173,41 @@ def run(args) -> Path:
     return out
 
 
+@contextmanager
+def stop_signals_raise():
+    """While inside, each of STOP_SIGNALS raises Interrupted in the main thread; the previous handlers come back
+    on exit. A signal the parent set to be ignored stays ignored (`nohup` keeps the run alive after a hang-up),
+    and a second signal during the unwinding is ignored so the clean-up it triggered can finish."""
+    if threading.current_thread() is not threading.main_thread():   # handlers can only be set from there
+        yield
+        return
+    stopping = []
+
+    def handler(signum, frame):
+        if not stopping:
+            stopping.append(signum)
+            raise Interrupted(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig, old in previous.items():
+        if old is not signal.SIG_IGN:
+            signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, signal.SIG_DFL if old is None else old)   # None: set outside Python
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        with stop_signals_raise():
+            run(args)
+    except Interrupted as stop:
+        print(f"interrupted by {signal.Signals(stop.signum).name}: the run stopped before the video was complete, "
+              f"nothing was written to {args.out}", file=sys.stderr)
+        return 128 + stop.signum
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """`python -m runtime.generate` as a new user meets it: bad arguments fail at once with one "error: ..." line and
-exit code 2, before the model loads or the audio is decoded; a SIGKILLed run's part file is removed by the next run
-to the same path; a text prompt the model cannot use is refused (CLI and API). Runs the shipped toy-talker (64x64,
-fast on a CPU)."""
+exit code 2, before the model loads or the audio is decoded; a stopped run removes its partial mp4 and exits with
+128 + the signal number; a SIGKILLed run's part file is removed by the next run to the same path; a text prompt
+the model cannot use is refused (CLI and API). Runs the shipped toy-talker (64x64, fast on a CPU)."""
 import os
 import re
 import signal
@@ -25,6 +25,7 @@ from runtime.text import save_text_embedding
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534                     # uid/gid of `nobody`: a user without write access to root's directories
 PART = r"\.out\.mp4\.(\d+)\.[0-9a-f]{12}\.part"      # Mp4Writer's temporary file for out.mp4
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 def write_wav(path, seconds, rate=16000):
@@ -72,10 +73,21 @@ def cli_error(capsys, *args) -> str:
 
 
 def start_cli(log: Path, *args) -> subprocess.Popen:
-    """Start the CLI as a real process, stderr to `log` (the progress bar would fill a pipe nobody reads)."""
-    with open(log, "wb") as err:
-        return subprocess.Popen([sys.executable, "-m", "runtime.generate", *map(str, args)], cwd=REPO,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    """Start the CLI as a real process, stderr to `log` (the progress bar would fill a pipe nobody reads).
+    Signals this test run ignores (nohup ignores SIGHUP) are set back to the default for the child, since the CLI
+    rightly keeps an inherited ignore."""
+    ignored = [s for s in STOP_SIGNALS if signal.getsignal(s) is signal.SIG_IGN]
+    for sig in ignored:
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        with open(log, "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "runtime.generate", *map(str, args)], cwd=REPO,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    finally:
+        for sig in ignored:
+            signal.signal(sig, signal.SIG_IGN)
+    return proc
+
 
 def wait_for_frames(proc, directory: Path, log: Path) -> Path:
     """Wait until the run's part file has mp4 data in it (frames were generated and encoded); returns it."""
@@ -198,6 +210,22 @@ def test_encode_text_refuses_strings_it_cannot_encode(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ stopped and killed runs
+
+@pytest.mark.parametrize("sig", STOP_SIGNALS, ids=lambda s: s.name)
+def test_stop_signal_removes_the_part_and_exits_128_plus_n(tmp_path, long_wav, sig):
+    out, log = tmp_path / "run" / "out.mp4", tmp_path / "stderr.txt"
+    out.parent.mkdir()
+    out.write_bytes(b"previous result")
+    proc = start_cli(log, "--preset", "toy-talker", "--audio", long_wav, "--out", out)
+    wait_for_frames(proc, out.parent, log)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == 128 + sig
+    last = log.read_text().strip().splitlines()[-1]
+    assert last == f"interrupted by {sig.name}: the run stopped before the video was complete, nothing was " \
+                   f"written to {out}"
+    assert "Traceback" not in log.read_text()
+    assert [p.name for p in out.parent.iterdir()] == ["out.mp4"] and out.read_bytes() == b"previous result"
+
 
 def test_sigkilled_part_is_removed_by_the_next_run(tmp_path, long_wav, short_wav, capsys):
     out, log = tmp_path / "run" / "out.mp4", tmp_path / "stderr.txt"
