@@ -1,8 +1,8 @@
 """Media I/O: the reference image, the driving audio, and the output mp4 (H.264 + AAC), with clear errors.
 
 Input side, matching the official AvatarForcing preprocessing (`inference.py`, `utils/dataset.py`):
-- image: decoded to RGB (`PIL.Image.convert("RGB")`: alpha dropped, no EXIF rotation, as the official loader),
-  resized with PIL BILINEAR (antialiased; what torchvision's `resize` runs on a PIL image), then /255 and
+- image: decoded to 8-bit RGB (`PIL.Image.convert("RGB")` for 8-bit modes: alpha dropped, no EXIF rotation, as the
+  official loader; 16-bit and float images scaled by their own range, see `load_image`), resized with PIL BILINEAR (antialiased; what torchvision's `resize` runs on a PIL image), then /255 and
   (x - 0.5) / 0.5 into [-1, 1] as `ToTensor` + `Normalize(0.5, 0.5)`. The model's size is fixed per config, so
   `prepare_image` refuses a mismatched aspect ratio unless asked to crop; `official_size` gives the official
   `ResizeKeepRatioArea16` size ("official quirk mode": any aspect, area <= 480*832, sides truncated to 16).
@@ -50,22 +50,42 @@ AAC_FRAME = 1024              # samples per AAC frame (the encoder's frame_size)
 ASPECT_TOLERANCE = 0.02       # relative aspect mismatch accepted as a plain (slightly stretching) resize
 PEAK_TOLERANCE = 1e-3         # float PCM may exceed full scale by this much (rounding in upstream DSP)
 OFFICIAL_AREA = (480, 832)    # ResizeKeepRatioArea16 target area (h, w)
-IMAGE_HELP = "accepted: a file path, a PIL image, or a uint8 numpy array / torch tensor [H, W, 3|4] or [H, W]"
+UINT16_MAX = 65535            # full scale of 16-bit images (PNG, TIFF, PGM): scaled to 255, not clipped at 255
+# Pillow modes whose samples are 8-bit and which its own convert("RGB") maps correctly (CMYK by the naive
+# formula R = (255 - C)(255 - K) / 255, without any embedded ICC profile). Alpha is dropped, not composited.
+PIL_RGB_MODES = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV")
+FLOAT_IMAGE_SLACK = 0.5 / 255    # float images may leave [0, 1] by half an 8-bit step (rounds the same)
+IMAGE_HELP = ("accepted: a file path, a PIL image, or a uint8 / uint16 numpy array (torch tensor) "
+              "[H, W, 3|4] or [H, W]")
 AUDIO_HELP = "accepted: a file path (wav, mp3, flac, ogg, m4a, ...) or a 1-D float32 (in [-1, 1]) / int16 array"
 HELP = {"audio": AUDIO_HELP, "video": "accepted: a video file FFmpeg decodes (mp4, mkv, webm, ...)"}
 
 
 # --------------------------------------------------------------------------------------------- image
 
+class UnsupportedImageMode(ValueError):
+    """A decoded image whose pixel mode or values have no faithful 8-bit RGB rendering here."""
+
+
 def load_image(image) -> Image.Image:
-    """A path, PIL image or uint8 array ([H, W, 3], [H, W, 4] alpha dropped, [H, W] gray) -> RGB PIL image."""
+    """A path, PIL image or array -> 8-bit RGB PIL image.
+
+    Pillow modes: the 8-bit ones in PIL_RGB_MODES go through `convert("RGB")` as in the official loader; 16-bit
+    gray (I;16, I;16B/L/N, and I, which Pillow uses for 16-bit PGM) is scaled by 255 / 65535 and rounded; F (32-bit
+    float) is read as [0, 1], the float convention of the rest of the runtime. Pillow itself decodes 16-bit RGB(A)
+    PNGs to 8-bit (the high byte). Other modes, I values outside [0, 65535] and F values outside [0, 1] are refused.
+    Arrays: uint8 or uint16 (scaled as above) [H, W, 3], [H, W, 4] or [H, W] gray.
+    Alpha (RGBA, LA, PA, P with transparency, [H, W, 4]) is dropped, not composited: a transparent pixel shows the
+    colour stored under it, as the official loader's convert("RGB") does. EXIF orientation is not applied (official).
+    """
     if isinstance(image, (str, os.PathLike)):
         return _read_image_file(_existing_file(image, "image"))
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _pil_to_rgb(image)
     if isinstance(image, torch.Tensor):
-        if image.dtype != torch.uint8:
-            raise TypeError(f"image tensor has dtype {image.dtype}; expected torch.uint8 in [0, 255] ({IMAGE_HELP})")
+        if image.dtype not in (torch.uint8, torch.uint16):
+            raise TypeError(f"image tensor has dtype {image.dtype}; expected torch.uint8 in [0, 255] or "
+                            f"torch.uint16 in [0, 65535] ({IMAGE_HELP})")
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
         return _image_from_array(image)
@@ -76,17 +96,59 @@ def _read_image_file(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()                 # decode now: a truncated file fails here, not later inside resize
-            return im.convert("RGB")
+            return _pil_to_rgb(im, f"image {path}")
     except Image.DecompressionBombError as e:
         raise ValueError(f"image {path} is too large to decode safely: {e}") from None
+    except UnsupportedImageMode:
+        raise
     except (OSError, SyntaxError, ValueError) as e:   # UnidentifiedImageError is an OSError
         raise ValueError(f"cannot read image {path}: not a valid image or the file is corrupt/truncated "
                          f"({e}); use a PNG or JPEG file") from None
 
 
+def _pil_to_rgb(im: Image.Image, what: str = "image") -> Image.Image:
+    """Any supported Pillow mode -> 8-bit RGB (see load_image for the rules per mode)."""
+    mode = im.mode
+    if mode in PIL_RGB_MODES:
+        return im.convert("RGB")
+    if mode == "I" or mode.startswith("I;16"):
+        a = np.asarray(im)
+        if a.dtype.kind == "i" and a.size and (int(a.min()) < 0 or int(a.max()) > UINT16_MAX):
+            raise UnsupportedImageMode(
+                f"{what} has mode {mode!r} (32-bit integer) with values in [{a.min()}, {a.max()}]; only the 16-bit "
+                f"range [0, {UINT16_MAX}] is understood. Rescale it to 8-bit yourself and pass a uint8 RGB array, "
+                f"or save it as an 8-bit PNG")
+        return _gray_to_rgb(_uint16_to_uint8(a))
+    if mode == "F":
+        return _gray_to_rgb(_unit_float_to_uint8(np.asarray(im), f"{what} has mode 'F' (32-bit float)"))
+    raise UnsupportedImageMode(f"{what} has Pillow mode {mode!r}, which has no RGB conversion here; convert it to "
+                               f"8-bit RGB first (e.g. save it as an 8-bit RGB PNG or JPEG)")
+
+
+def _unit_float_to_uint8(a: np.ndarray, what: str) -> np.ndarray:
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise UnsupportedImageMode(f"{what} contains NaN or inf; save it as an 8-bit PNG")
+    if lo < -FLOAT_IMAGE_SLACK or hi > 1 + FLOAT_IMAGE_SLACK:
+        raise UnsupportedImageMode(f"{what} has values in [{lo:.4g}, {hi:.4g}]; float images are read as [0, 1]. "
+                                   f"Scale it (e.g. divide 0..255 data by 255) or pass a uint8 array")
+    return np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _uint16_to_uint8(a: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255 by the full range, rounded half up in integers: round(v * 255 / 65535)."""
+    return ((a.astype(np.uint32) * 255 + UINT16_MAX // 2) // UINT16_MAX).astype(np.uint8)
+
+
+def _gray_to_rgb(a: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(np.repeat(a[..., None], 3, axis=-1)), "RGB")
+
+
 def _image_from_array(a: np.ndarray) -> Image.Image:
+    if a.dtype.kind == "u" and a.dtype.itemsize == 2:        # uint16 in either byte order
+        a = _uint16_to_uint8(a)
     if a.dtype != np.uint8:
-        raise TypeError(f"image array has dtype {a.dtype}; expected uint8 in [0, 255] "
+        raise TypeError(f"image array has dtype {a.dtype}; expected uint8 in [0, 255] or uint16 in [0, 65535] "
                         f"(for floats in [0, 1] use (a * 255).round().astype(np.uint8)); {IMAGE_HELP}")
     if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[-1] not in (3, 4):
         raise ValueError(f"image array shape {a.shape} looks channels-first; transpose to [H, W, C]")

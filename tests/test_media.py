@@ -86,6 +86,107 @@ def test_load_image_rgba_and_gray():
         assert np.array_equal(np.asarray(load_image(g)), np.repeat(gray[..., None], 3, -1))
 
 
+def picture(h=6, w=7, seed=0):
+    """A picture as floats in [0, 1] [H, W, 3], the 8-bit rendering every mode below must reproduce."""
+    return np.random.default_rng(seed).random((h, w, 3))
+
+
+def as8(x):
+    return np.round(np.asarray(x) * 255).astype(np.uint8)
+
+
+def as16(x):
+    return np.round(np.asarray(x) * 65535).astype(np.uint16)
+
+
+def palette_image(p, transparent=None):
+    """P mode: each pixel indexes its own palette entry holding the pixel's 8-bit colour."""
+    rgb = as8(p).reshape(-1, 3)
+    im = Image.fromarray(np.arange(rgb.shape[0], dtype=np.uint8).reshape(p.shape[:2]), "P")
+    im.putpalette(rgb.reshape(-1).tolist())
+    if transparent is not None:
+        im.info["transparency"] = transparent
+    return im
+
+
+def png_round_trip(im, tmp_path):
+    im.save(tmp_path / "in.png")
+    return tmp_path / "in.png"
+
+
+def png16_rgb(p, tmp_path):
+    """A 16-bit RGB PNG (rgb48), written with FFmpeg's encoder: Pillow has no 16-bit RGB mode."""
+    frame = av.VideoFrame.from_ndarray(as16(p), format="rgb48le")
+    with av.open(str(tmp_path / "rgb48.png"), "w", format="image2") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = p.shape[1], p.shape[0], "rgb48be"
+        for packet in list(stream.encode(frame)) + list(stream.encode(None)):
+            container.mux(packet)
+    return tmp_path / "rgb48.png"
+
+
+SHOWN = {"rgb": lambda p: p, "gray": lambda p: p[..., :1].repeat(3, -1),
+         "binary": lambda p: (p[..., :1] > 0.5).repeat(3, -1).astype(float)}
+
+# (mode, what the mode can show of a picture, how to build the image from that picture p and tmp_path)
+IMAGE_MODES = [
+    ("I;16", "gray", lambda p, t: Image.fromarray(as16(p[..., 0]))),
+    ("I;16B", "gray", lambda p, t: Image.fromarray(as16(p[..., 0]).astype(">u2"))),
+    ("I;16 png", "gray", lambda p, t: png_round_trip(Image.fromarray(as16(p[..., 0])), t)),
+    ("I", "gray", lambda p, t: Image.fromarray(as16(p[..., 0]).astype(np.int32))),
+    ("I pgm", "gray", lambda p, t: (Image.fromarray(as16(p[..., 0])).save(t / "in.pgm"), t / "in.pgm")[1]),
+    ("F", "gray", lambda p, t: Image.fromarray(p[..., 0].astype(np.float32))),
+    ("L", "gray", lambda p, t: Image.fromarray(as8(p[..., 0]))),
+    ("LA", "gray", lambda p, t: Image.fromarray(np.stack([as8(p[..., 0]), 255 - as8(p[..., 0])], -1), "LA")),
+    ("1", "binary", lambda p, t: Image.fromarray(p[..., 0] > 0.5)),
+    ("P", "rgb", lambda p, t: palette_image(p)),
+    ("P transparent", "rgb", lambda p, t: png_round_trip(palette_image(p, transparent=3), t)),
+    ("RGBA", "rgb", lambda p, t: Image.fromarray(np.concatenate([as8(p), as8(p[..., :1])], -1), "RGBA")),
+    ("CMYK", "rgb", lambda p, t: Image.fromarray(np.concatenate([as8(1 - p), np.zeros_like(as8(p[..., :1]))], -1),
+                                                 "CMYK")),
+    ("rgb48 png", "rgb", png16_rgb),
+    ("uint16 array", "rgb", lambda p, t: as16(p)),
+    ("uint16 gray array", "gray", lambda p, t: as16(p[..., 0])),
+    ("uint16 tensor", "rgb", lambda p, t: torch.from_numpy(as16(p).astype(np.int32)).to(torch.uint16)),
+]
+
+
+@pytest.mark.parametrize("mode, shown, make", IMAGE_MODES, ids=[m[0] for m in IMAGE_MODES])
+def test_load_image_modes_match_the_8_bit_picture(tmp_path, mode, shown, make):
+    """Each mode renders like the 8-bit RGB version of the same picture, within one level of rounding: 16-bit
+    values are scaled by 65535 (not clipped at 255), alpha is dropped (not composited)."""
+    p = SHOWN[shown](picture())
+    got = load_image(make(p, tmp_path))
+    assert got.mode == "RGB" and got.size == (p.shape[1], p.shape[0])
+    assert np.abs(np.asarray(got).astype(int) - as8(p).astype(int)).max() <= 1
+
+
+def test_load_image_cmyk_with_black():
+    """CMYK with K > 0: Pillow's naive conversion R = (255 - C)(255 - K) / 255 (no ICC profile is applied)."""
+    cmyk = np.random.default_rng(1).integers(0, 256, (5, 6, 4), dtype=np.uint8).astype(float)
+    expected = (255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) / 255
+    got = np.asarray(load_image(Image.fromarray(cmyk.astype(np.uint8), "CMYK"))).astype(float)
+    assert np.abs(got - expected).max() <= 1
+
+
+@pytest.mark.parametrize("image, words", [
+    (Image.fromarray(np.array([[0, 70000]], np.int32)), r"mode 'I'.*\[0, 70000\].*\[0, 65535\]"),
+    (Image.fromarray(np.array([[0, -5]], np.int32)), r"mode 'I'.*\[-5, 0\]"),
+    (Image.fromarray(np.array([[0.0, 255.0]], np.float32)), r"mode 'F'.*\[0, 255\].*\[0, 1\].*divide"),
+    (Image.fromarray(np.array([[0.0, np.nan]], np.float32)), r"mode 'F'.*NaN"),
+    (Image.new("La", (4, 4)), r"mode 'La'.*8-bit RGB"),
+], ids=["I above 16 bits", "I negative", "F in 0..255", "F NaN", "La"])
+def test_load_image_refuses_modes_it_cannot_render(image, words):
+    with pytest.raises(ValueError, match=words):
+        load_image(image)
+
+
+def test_load_image_mode_error_names_the_file(tmp_path):
+    Image.fromarray(np.array([[0.0, 2.0]], np.float32)).save(tmp_path / "depth.tif")
+    with pytest.raises(ValueError, match=r"depth\.tif has mode 'F'"):
+        load_image(tmp_path / "depth.tif")
+
+
 @pytest.mark.parametrize("make, error, words", [
     (lambda p: p / "missing.png", FileNotFoundError, "not found"),
     (lambda p: p, ValueError, "not a regular file"),
