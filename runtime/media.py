@@ -48,7 +48,7 @@ FPS = 25                      # the model's video rate
 AAC_RATE = 48000              # AAC track rate: the most widely supported one; 16 kHz input is upsampled by soxr
 AAC_FRAME = 1024              # samples per AAC frame (the encoder's frame_size)
 ASPECT_TOLERANCE = 0.02       # relative aspect mismatch accepted as a plain (slightly stretching) resize
-PEAK_TOLERANCE = 1e-3         # float PCM may exceed full scale by this much (rounding in upstream DSP)
+PEAK_LIMIT = 4.0              # float PCM peaks up to 4x full scale are overshoot, clipped; beyond: refused (load_audio)
 OFFICIAL_AREA = (480, 832)    # ResizeKeepRatioArea16 target area (h, w)
 UINT16_MAX = 65535            # full scale of 16-bit images (PNG, TIFF, PGM): scaled to 255, not clipped at 255
 # Pillow modes whose samples are 8-bit and which its own convert("RGB") maps correctly (CMYK by the naive
@@ -212,46 +212,63 @@ def _centre_crop(img: Image.Image, aspect: float) -> Image.Image:
 # --------------------------------------------------------------------------------------------- audio
 
 def load_audio(audio, sample_rate: int | None = None) -> np.ndarray:
-    """A file path or a 1-D array -> float32 mono PCM at 16 kHz.
+    """A file path or a 1-D array -> float32 mono PCM at 16 kHz in [-1, 1].
 
-    Arrays are taken to be 16 kHz unless `sample_rate` says otherwise (then resampled). Files carry their own rate,
-    so `sample_rate` must be None for them. Decoded files are clipped to [-1, 1]: lossy decoders and resampling
-    can overshoot full scale slightly, and the streaming session rejects PCM beyond it.
+    Arrays are taken to be 16 kHz unless `sample_rate` (an int, Hz) says otherwise (then resampled). Files carry
+    their own rate, so `sample_rate` must be None for them.
+
+    Level rule, one for files and arrays (and for `validate_pcm`, which the session runs on every pushed chunk):
+    samples must be finite (NaN or inf is refused, naming the file); at 16 kHz, a peak up to PEAK_LIMIT = 4x full
+    scale (+12 dB) is taken for codec or resampler overshoot and clipped to [-1, 1]; a higher peak is refused as
+    mis-scaled audio. Why 4x: lossy decoding and soxr resampling push a full-scale signal past full scale, most of
+    all hard-clipped content. Measured on 2 s full-scale test signals, the worst 16 kHz peaks were 2.57x
+    (hard-clipped speech-like signal through mp3 at 32 kbit/s) and 2.49x (a 3 kHz square wave through FFmpeg's AAC
+    at 128 kbit/s at 44.1 kHz, then soxr to 16 kHz), while the shipped speech clips, peak-normalised and even
+    driven 4x into hard clipping, stayed below 1.17x through mp3 and AAC. Mis-scaled audio lands far beyond 4x:
+    int16 values stored as floats reach 32768x.
     """
     if isinstance(audio, (str, os.PathLike)):
         if sample_rate is not None:
             raise ValueError(f"sample_rate={sample_rate} given with a file; a file carries its own rate")
         pcm, rate = read_audio_track(audio)
+        source = audio
     else:
-        rate = SAMPLE_RATE if sample_rate is None else _check_rate(sample_rate)
-        pcm = _check_pcm(audio, allow_empty=False)
-        if rate == SAMPLE_RATE:
-            return pcm
-    pcm = np.clip(_resample(pcm, rate), -1.0, 1.0)
-    if pcm.size == 0:
-        raise ValueError(f"audio is too short: nothing left after resampling from {rate} Hz to {SAMPLE_RATE} Hz")
-    return pcm
+        rate = SAMPLE_RATE if sample_rate is None else check_sample_rate(sample_rate)
+        pcm, source = _as_pcm(audio, allow_empty=False), None
+    if rate != SAMPLE_RATE:
+        _peak(pcm, source)                    # NaN / inf named here: resampling would smear them
+        pcm = _resample(pcm, rate)
+        if pcm.size == 0:
+            raise ValueError(f"audio is too short: nothing left after resampling from {rate} Hz to {SAMPLE_RATE} Hz")
+    return _limit_peak(pcm, source)
 
 
 def validate_pcm(pcm, sample_rate: int = SAMPLE_RATE, allow_empty: bool = False) -> np.ndarray:
-    """Check one chunk of 16 kHz mono PCM and return it as float32 (may share memory with the input).
+    """Check one chunk of 16 kHz mono PCM and return it as float32 in [-1, 1] (may share memory with the input).
 
-    Accepts 1-D numpy arrays or torch tensors: float (finite, |x| <= 1 + 1e-3) or int16 (scaled by 1/32768).
-    Cheap enough to run on every pushed chunk: no copy for float32 input, then one min and one max.
+    Accepts 1-D numpy arrays or torch tensors: float or int16 (scaled by 1/32768), under load_audio's level rule
+    (finite; peaks up to PEAK_LIMIT clipped, beyond refused). Cheap enough to run on every pushed chunk: no copy
+    for float32 input within [-1, 1], then one min and one max.
     """
-    if sample_rate != SAMPLE_RATE:
-        raise ValueError(f"audio must be {SAMPLE_RATE} Hz mono, got sample_rate={sample_rate}; "
-                         f"convert it with runtime.media.load_audio(pcm, sample_rate={sample_rate})")
-    return _check_pcm(pcm, allow_empty)
+    rate = check_sample_rate(sample_rate)
+    if rate != SAMPLE_RATE:
+        raise ValueError(f"audio must be {SAMPLE_RATE} Hz mono, got sample_rate={rate}; "
+                         f"convert it with runtime.media.load_audio(pcm, sample_rate={rate})")
+    return _limit_peak(_as_pcm(pcm, allow_empty))
 
 
-def _check_rate(sample_rate) -> int:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise ValueError(f"sample_rate must be a positive int (Hz), got {sample_rate!r}")
+def check_sample_rate(sample_rate) -> int:
+    """A sample rate in Hz as a positive int (numpy ints too); a string, float or bool is a TypeError."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)):
+        raise TypeError(f"sample_rate must be an int (Hz), got {sample_rate!r} of type {type(sample_rate).__name__}; "
+                        f"pass e.g. sample_rate={SAMPLE_RATE}")
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive int (Hz), got {sample_rate}")
     return int(sample_rate)
 
 
-def _check_pcm(pcm, allow_empty: bool) -> np.ndarray:
+def _as_pcm(pcm, allow_empty: bool) -> np.ndarray:
+    """Type, shape and dtype checks -> float32 [S] (the level is checked by _limit_peak)."""
     if isinstance(pcm, torch.Tensor):
         pcm = pcm.detach().cpu()
         pcm = (pcm.float() if pcm.dtype in (torch.bfloat16, torch.float16) else pcm).numpy()
@@ -267,22 +284,41 @@ def _check_pcm(pcm, allow_empty: bool) -> np.ndarray:
     if pcm.dtype.kind != "f":
         raise TypeError(f"audio array has dtype {pcm.dtype}; expected float32 in [-1, 1] or int16 "
                         f"(convert other integer PCM yourself, e.g. int32 / 2**31)")
-    pcm = pcm.astype(np.float32, copy=False)
-    if pcm.size:
-        _check_peak(pcm)
-    return pcm
+    return pcm.astype(np.float32, copy=False)
 
 
-def _check_peak(pcm: np.ndarray) -> None:
+def _limit_peak(pcm: np.ndarray, source=None) -> np.ndarray:
+    """The level rule of load_audio: clip peaks up to PEAK_LIMIT to [-1, 1], refuse higher ones. `source`: the
+    file the samples came from (named in errors), None for an array."""
+    if pcm.size == 0:
+        return pcm
+    peak = _peak(pcm, source)
+    if peak <= 1.0:
+        return pcm
+    if peak <= PEAK_LIMIT:
+        return np.clip(pcm, -1.0, 1.0)
+    if source is None:
+        raise ValueError(f"float audio must lie in [-1, 1]; max |x| = {peak:.4g} is beyond the {PEAK_LIMIT:g}x "
+                         f"overshoot that is clipped. Scale it (int16 PCM: divide by 32768) or normalise "
+                         f"(pcm / abs(pcm).max())")
+    cut = math.ceil(20 * math.log10(peak))
+    raise ValueError(f"audio file {source} peaks at max |x| = {peak:.4g} ({20 * math.log10(peak):.1f} dB above full "
+                     f"scale), beyond the {PEAK_LIMIT:g}x overshoot that is clipped: its float samples are mis-scaled. "
+                     f"Lower its level by {cut} dB (e.g. ffmpeg -i IN -af volume=-{cut}dB OUT) or export it "
+                     f"normalised to [-1, 1]")
+
+
+def _peak(pcm: np.ndarray, source=None) -> float:
+    """max |x|; NaN or inf is an error naming `source` (a file) when given."""
     lo, hi = float(pcm.min()), float(pcm.max())     # NaN propagates through min/max: no separate isnan pass
+    what = "audio" if source is None else f"audio file {source}"
+    fix = "" if source is None else "; the file is corrupt or was written from invalid samples: re-export it"
     if math.isnan(lo) or math.isnan(hi):
-        raise ValueError(f"audio contains NaN ({int(np.isnan(pcm).sum())} samples)")
+        raise ValueError(f"{what} contains NaN ({int(np.isnan(pcm).sum())} samples){fix}")
     peak = max(-lo, hi)
     if math.isinf(peak):
-        raise ValueError("audio contains inf")
-    if peak > 1.0 + PEAK_TOLERANCE:
-        raise ValueError(f"float audio must lie in [-1, 1]; max |x| = {peak:.4g}. Scale it (int16 PCM: divide "
-                         f"by 32768) or normalise (pcm / abs(pcm).max())")
+        raise ValueError(f"{what} contains inf ({int(np.isinf(pcm).sum())} samples){fix}")
+    return peak
 
 
 def read_audio_track(path) -> tuple[np.ndarray, int]:

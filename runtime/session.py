@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .config import StreamConfig, check_seed
 from .kv_cache import DualAnchorCache
-from .media import frames_to_uint8, prepare_image, validate_pcm
+from .media import check_sample_rate, frames_to_uint8, prepare_image, validate_pcm
 from .rope import Rope
 from .scheduler import StepPlan, build_plan, sigma_for, step_plan, warped_timesteps
 
@@ -180,7 +180,7 @@ class StreamSession:
     def push_audio(self, pcm, sample_rate: int = 16000) -> Tensor:
         """Append float32 mono 16 kHz samples (any length); returns the frames finalised by them."""
         self._check_open()
-        if sample_rate != self.cfg.sample_rate:
+        if check_sample_rate(sample_rate) != self.cfg.sample_rate:
             raise ValueError(f"push_audio got {sample_rate} Hz audio; the stream takes {self.cfg.sample_rate} Hz mono. "
                              "Resample first, e.g. runtime.media.load_audio(array, sample_rate=...)")
         pcm = validate_pcm(pcm, self.cfg.sample_rate, allow_empty=True)

@@ -45,7 +45,7 @@ AUDIO_CASES = [
     ("stereo", np.zeros((800, 2), np.float32), "channels"),
     ("nan", np.array([0.0, np.nan] * 400, np.float32), "NaN|finite"),
     ("inf", np.array([0.0, np.inf] * 400, np.float32), "inf|finite"),
-    ("loud float", np.full(800, 3.0, np.float32), "range|\\[-1, 1\\]|max"),
+    ("loud float", np.full(800, 50.0, np.float32), "range|\\[-1, 1\\]|max"),
     ("int32", np.full(800, 40000, np.int32), "int16|int32|integer"),
     ("not audio", "just a string that is not a file", "not found|does not exist|No such"),
 ]
@@ -58,8 +58,16 @@ def test_bad_audio_in_generate(pipe, image, name, audio, match):
 
 
 def test_wrong_rate_in_push(session):
-    with pytest.raises(ValueError, match="44100 Hz"):
+    with pytest.raises(ValueError, match="got 44100 Hz.*takes 16000 Hz.*Resample first"):
         session.push_audio(speech(), sample_rate=44100)
+
+
+@pytest.mark.parametrize("rate", ["16000", 16000.0, None])
+def test_push_audio_rate_that_is_not_an_int(session, rate):
+    with pytest.raises(TypeError, match=r"sample_rate must be an int \(Hz\), got .*" + type(rate).__name__):
+        session.push_audio(speech(), sample_rate=rate)
+    session.push_audio(speech(0.1), sample_rate=np.int32(16000))       # numpy ints are ints
+    assert session.samples_in == 1600
 
 
 @pytest.mark.parametrize("pcm,match", [(np.zeros((10, 2), np.float32), "channels"),

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from runtime.media import (Mp4Writer, frames_to_uint8, load_audio, load_image, official_size, prepare_image, probe,
-                           read_audio_track, read_video, validate_pcm)
+from runtime.media import (PEAK_LIMIT, Mp4Writer, frames_to_uint8, load_audio, load_image, official_size,
+                           prepare_image, probe, read_audio_track, read_video, validate_pcm)
 
 RATE_IN = 44100
 
@@ -309,7 +309,7 @@ def test_load_audio_arrays():
 @pytest.mark.parametrize("pcm, error, words", [
     (np.array([0.0, np.nan], np.float32), ValueError, "NaN"),
     (np.array([0.0, np.inf], np.float32), ValueError, "inf"),
-    (np.array([0.1, -1.5], np.float32), ValueError, r"max \|x\| = 1.5"),
+    (np.array([0.1, -5.0], np.float32), ValueError, r"max \|x\| = 5 is beyond the 4x overshoot.*normalise"),
     (np.array([1, 2], np.int32), TypeError, "int16"),
     (np.zeros((2, 100), np.float32), ValueError, "average the channels"),
     (np.zeros(0, np.float32), ValueError, "empty"),
@@ -332,6 +332,54 @@ def test_validate_pcm_rules():
         validate_pcm(np.zeros(10, np.float32), sample_rate=44100)
     with pytest.raises(ValueError, match="sample_rate must be a positive int"):
         load_audio(np.zeros(10, np.float32), sample_rate=0)
+
+
+@pytest.mark.parametrize("rate", ["16000", 16000.0, True, None])
+def test_sample_rate_must_be_an_int(rate):
+    with pytest.raises(TypeError, match=r"sample_rate must be an int \(Hz\), got .*" + type(rate).__name__):
+        validate_pcm(np.zeros(10, np.float32), sample_rate=rate)
+    if rate is not None:                                  # None means 16 kHz for load_audio
+        with pytest.raises(TypeError, match=r"sample_rate must be an int \(Hz\)"):
+            load_audio(np.zeros(10, np.float32), sample_rate=rate)
+    assert validate_pcm(np.zeros(3, np.float32), sample_rate=np.int64(16000)).shape == (3,)
+
+
+def float_wav(path, x, rate):
+    return write_audio(path, np.asarray(x, np.float64)[None], rate, "pcm_f32le", "flt")
+
+
+@pytest.mark.parametrize("rate", [16000, RATE_IN])
+def test_one_level_rule_for_files_and_arrays(tmp_path, rate):
+    """Peaks up to PEAK_LIMIT are clipped and beyond it refused, alike for a float WAV file and the same samples as
+    an array (through load_audio, and through validate_pcm, the session's check, at 16 kHz)."""
+    t = np.arange(rate // 4) / rate
+    tone = np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    for gain in (1.5, 0.99 * PEAK_LIMIT):
+        x = gain * tone
+        from_file = load_audio(float_wav(tmp_path / "hot.wav", x, rate))
+        from_array = load_audio(x, sample_rate=rate)
+        assert np.array_equal(from_file, from_array) and np.abs(from_file).max() == 1.0
+        if rate == 16000:
+            assert np.array_equal(from_array, np.clip(x, -1, 1)) and np.array_equal(validate_pcm(x), from_array)
+    for gain in (1.01 * PEAK_LIMIT, 50.0):
+        x = gain * tone
+        with pytest.raises(ValueError, match=r"loud\.wav peaks at max \|x\| = .*dB above full scale.*volume=-"):
+            load_audio(float_wav(tmp_path / "loud.wav", x, rate))
+        with pytest.raises(ValueError, match=r"max \|x\| = .* beyond the 4x overshoot"):
+            load_audio(x, sample_rate=rate)
+        if rate == 16000:
+            with pytest.raises(ValueError, match=r"max \|x\| = .* beyond the 4x overshoot"):
+                validate_pcm(x)
+
+
+@pytest.mark.parametrize("rate", [16000, RATE_IN])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_load_audio_names_the_file_holding_nan_or_inf(tmp_path, rate, bad):
+    x = np.zeros(rate // 10)
+    x[100:103] = bad
+    word = "NaN" if np.isnan(bad) else "inf"
+    with pytest.raises(ValueError, match=rf"audio file .*broken\.wav contains {word} \(3 samples\).*re-export"):
+        load_audio(float_wav(tmp_path / "broken.wav", x, rate))
 
 
 def test_load_audio_bad_files(tmp_path):
