@@ -27,6 +27,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,6 +39,51 @@ from .scheduler import StepPlan, build_plan, sigma_for, step_plan, warped_timest
 
 # Frames in flight to pinned host memory before the session waits for the oldest (engine.py allocates as many).
 PINNED_SLOTS = 8
+
+
+# Largest |value| accepted in a pushed feature row. Real encoder output stays far below it: the toy-talker's
+# normalised log-mel rows peak at 3.2 (full-scale clipped noise; 2.3 on speech), and wav2vec2-base's rows are
+# LayerNorm outputs of width 768, so |x| <= sqrt(767) |gain| + |bias| (27.7 at unit gain; 5.0 measured with
+# random weights on speech): reaching 1e3 takes a LayerNorm gain near 36. And it stays below the overflow of the
+# model dtype: the rows are cast to it, float16 tops out at 65504, and the toy-talker's first audio Linear
+# overflows float16 from max |x| = 65504 / max_j ||W_j||_1 = 3701 on rows of one sign (black frames measured at
+# 1e4, correct frames at 1e3); float32 and bfloat16 held up to 1e10 and broke by 1e20. Beyond: a scaling bug.
+FEATURE_LIMIT = 1e3
+
+
+def check_features(feats, width: int) -> Tensor:
+    """Feature rows [T, width] (tensor, numpy array or nested lists of real numbers) -> a tensor, or a clear error."""
+    if isinstance(feats, (str, bytes)):
+        raise TypeError(f"features must be numbers [T, {width}] (a tensor or numpy array), got a "
+                        f"{type(feats).__name__}: {feats[:40]!r}")
+    if not isinstance(feats, Tensor):
+        try:
+            array = np.asarray(feats)
+        except ValueError as err:                       # ragged nested lists
+            raise ValueError(f"features must be a rectangular [T, {width}] array: {err}") from None
+        if array.dtype.kind not in "iuf":
+            held = {"U": "strings", "S": "bytes", "O": "Python objects", "b": "booleans", "c": "complex numbers"}
+            raise TypeError(f"features must be real numbers [T, {width}], got a {type(feats).__name__} of "
+                            f"{held.get(array.dtype.kind, array.dtype.name)} (numpy dtype {array.dtype}); pass a float "
+                            f"tensor or numpy array")
+        feats = torch.tensor(array)                     # a copy: read-only or strided arrays are fine
+    if feats.dtype == torch.bool or feats.is_complex():
+        raise TypeError(f"features must be real numbers [T, {width}], got dtype {feats.dtype}; pass float rows")
+    if not feats.is_floating_point():
+        feats = feats.double()                          # integer rows: exact, and abs() works on every int type
+    if feats.ndim != 2 or feats.shape[1] != width:
+        raise ValueError(f"features must be [T, {width}], got {tuple(feats.shape)}")
+    if not feats.numel():
+        return feats.float()
+    peak = float(feats.abs().max())      # in the given dtype (1e300 in float64 is no inf); NaN propagates
+    if not math.isfinite(peak):
+        raise ValueError(f"features contain NaN or inf ({int((~torch.isfinite(feats)).sum())} values); check the "
+                         f"encoder's input and output")
+    if peak > FEATURE_LIMIT:
+        raise ValueError(f"features reach |x| = {peak:.4g}, beyond {FEATURE_LIMIT:g}: far above any audio encoder's "
+                         f"output (wav2vec2 hidden states and the toy-talker's normalised log-mel stay within ~30). "
+                         f"Pass the encoder's rows unscaled (e.g. hidden states, not logits or squared values)")
+    return feats.float()
 
 
 class FeatureTable:
@@ -194,13 +240,10 @@ class StreamSession:
         return self._advance()
 
     def push_features(self, feats: Tensor) -> Tensor:
-        """Append feature rows [T, audio_input_dim] (one per audio frame) from the caller's own encoder."""
+        """Append feature rows [T, audio_input_dim] (one per audio frame) from the caller's own encoder: a real
+        tensor or numpy array (or nested lists of numbers), finite, |x| <= FEATURE_LIMIT."""
         self._check_open()
-        feats = torch.as_tensor(feats)
-        if feats.ndim != 2 or feats.shape[1] != self.cfg.audio_input_dim:
-            raise ValueError(f"features must be [T, {self.cfg.audio_input_dim}], got {tuple(feats.shape)}")
-        if not torch.isfinite(feats).all():
-            raise ValueError("features contain NaN or inf")
+        feats = check_features(feats, self.cfg.audio_input_dim)
         if self.source is None:
             self.source = FeatureTable(self.cfg.audio_input_dim)
         if not isinstance(self.source, FeatureTable):

@@ -103,8 +103,48 @@ def test_flush_without_audio_and_push_after_flush(session):
 
 
 def test_features_of_the_wrong_width(session):
-    with pytest.raises(ValueError, match="features must be"):
+    with pytest.raises(ValueError, match=r"features must be \[T, 224\], got \(4, 7\)"):
         session.push_features(torch.zeros(4, 7))
+
+
+WIDTH = 224                                               # the tiny preset's audio_input_dim
+
+
+@pytest.mark.parametrize("feats, words", [
+    ("abc", "got a str"),
+    ([["0.5"] * WIDTH] * 2, "got a list of strings"),
+    (np.zeros((2, WIDTH), dtype=object), "got a ndarray of Python objects"),
+    (None, "got a NoneType of Python objects"),
+    (np.zeros((2, WIDTH), dtype=bool), "booleans"),
+    (torch.zeros(2, WIDTH, dtype=torch.complex64), "complex64"),
+], ids=["str", "list of str", "object array", "None", "bool array", "complex tensor"])
+def test_features_that_are_not_numbers(session, feats, words):
+    with pytest.raises(TypeError, match=f"features must be (real )?numbers.*{words}"):
+        session.push_features(feats)
+
+
+def test_features_ragged_lists(session):
+    with pytest.raises(ValueError, match="rectangular"):
+        session.push_features([[0.0] * WIDTH, [0.0] * 3])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_features_not_finite(session, bad):
+    feats = torch.zeros(4, WIDTH)
+    feats[2, 5] = bad
+    with pytest.raises(ValueError, match=r"NaN or inf \(1 values\)"):
+        session.push_features(feats)
+
+
+def test_features_beyond_the_magnitude_limit(session):
+    from runtime.session import FEATURE_LIMIT
+    for peak in (1e30, 1.01 * FEATURE_LIMIT):
+        for feats in (torch.full((4, WIDTH), -peak), np.full((4, WIDTH), peak)):
+            with pytest.raises(ValueError, match=f"features reach .*beyond {FEATURE_LIMIT:g}.*unscaled"):
+                session.push_features(feats)
+    rows = np.random.default_rng(0).uniform(-1, 1, (12, WIDTH)) * FEATURE_LIMIT      # float64, at the limit
+    frames = session.push_features(rows)                  # nothing was queued by the refused calls
+    assert session.audio_frames_in == 12 and frames.dtype == torch.uint8 and len(frames) >= 1
 
 
 # ----------------------------------------------------------------------------------------------- image
