@@ -191,6 +191,14 @@ def _listed(keys) -> str:
     return ", ".join(keys[:MAX_LISTED]) + more
 
 
+def _shape_difference(file_shape, model_shape) -> str:
+    """Which dimensions differ, e.g. 'dim 0: 96 in the file vs 128 in the model'."""
+    if len(file_shape) != len(model_shape):
+        return f"{len(file_shape)} dims in the file vs {len(model_shape)} in the model"
+    return ", ".join(f"dim {i}: {a} in the file vs {b} in the model"
+                     for i, (a, b) in enumerate(zip(file_shape, model_shape)) if a != b)
+
+
 def load_into(model: nn.Module, state: dict, what: str) -> None:
     """Strict, shape-checked, NaN-checked assignment of `state` into `model` (meta parameters are materialised)."""
     expected = model.state_dict()
@@ -206,8 +214,13 @@ def load_into(model: nn.Module, state: dict, what: str) -> None:
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ValueError(f"{what}: {k!r} has shape {tuple(v.shape)} in the file but {tuple(expected[k].shape)} in "
-                             f"the model; the checkpoint belongs to another preset (e.g. dim {v.shape[-1]} vs "
-                             f"{expected[k].shape[-1]})")
+                             f"the model ({_shape_difference(v.shape, expected[k].shape)}); the checkpoint belongs "
+                             f"to another preset: pass the preset it was trained with")
+        if v.is_floating_point() != expected[k].is_floating_point():
+            kind = "floating-point weights" if expected[k].is_floating_point() else f"{expected[k].dtype} values"
+            raise ValueError(f"{what}: {k!r} holds {v.dtype} values where the model expects {kind}; the file was "
+                             f"quantised or cast to another type: use the original, unquantised checkpoint "
+                             f"(float32, bfloat16 or float16 tensors)")
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"{what}: {k!r} contains NaN or inf")
     dtype = next(iter(expected.values())).dtype

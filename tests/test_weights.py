@@ -177,6 +177,41 @@ def test_checkpoint_of_another_preset(model, tmp_path):
         load_dit(meta_model(), tmp_path / "other.pt")
 
 
+def test_shape_mismatch_names_the_dimensions_that_differ(tmp_path):
+    cfg = ModelConfig.preset("tiny", ffn_dim=96)                    # same width (64), narrower FFN
+    torch.save(init_random_(AvatarDiT(cfg), 0).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ValueError) as err:
+        load_dit(meta_model(), tmp_path / "other.pt")
+    message = str(err.value)
+    assert re.search(r"'blocks\.\d+\.ffn\.0\.weight' has shape \(96, 64\) in the file but \(128, 64\) in the model "
+                     r"\(dim 0: 96 in the file vs 128 in the model\); .*another preset", message), message
+    assert "64 vs 64" not in message and "dim 1" not in message
+
+
+def test_shape_mismatch_in_the_number_of_dims(model, tmp_path):
+    state = dict(model.state_dict())
+    state["head.head.bias"] = state["head.head.bias"][None]
+    torch.save(state, tmp_path / "dims.pt")
+    with pytest.raises(ValueError, match=r"'head\.head\.bias'.*\(2 dims in the file vs 1 in the model\)"):
+        load_dit(meta_model(), tmp_path / "dims.pt")
+
+
+@pytest.mark.parametrize("container", ["pth", "safetensors"])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool], ids=str)
+def test_integer_tensors_where_weights_are_expected(model, tmp_path, container, dtype):
+    state = dict(model.state_dict())
+    state["blocks.1.cross_attn.q.weight"] = state["blocks.1.cross_attn.q.weight"].mul(100).to(dtype)
+    path = tmp_path / f"quantised.{container}"
+    if container == "pth":
+        torch.save({"generator": {f"model.{k}": v for k, v in state.items()}}, path)     # the official layout
+    else:
+        save_safetensors(state, path)
+    words = rf"'blocks\.1\.cross_attn\.q\.weight' holds {dtype} values where the model expects floating-point weights"
+    for target in (meta_model(), init_random_(AvatarDiT(CFG), seed=1)):
+        with pytest.raises(ValueError, match=words + ".*unquantised"):
+            load_dit(target, path)
+
+
 def test_resolve_layout(tmp_path):
     wan = tmp_path / "wan_models" / "Wan2.1-T2V-1.3B"
     (wan / "google" / "umt5-xxl").mkdir(parents=True)
