@@ -37,6 +37,7 @@ DEFAULT_LORA_ALPHA = 64.0
 FORMATS = ("official AvatarForcing model.pt ('generator' with model.-prefixed LoRA keys)",
            "Wan DiT state dict", "diffusers WanTransformer3DModel state dict", "any of these as .safetensors")
 MAX_LISTED = 10
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")   # only to suggest files in a directory
 
 # diffusers -> wan (the inverse of diffusers' convert_wan_to_diffusers.py renames), applied per key by regex
 _DIFFUSERS = [
@@ -79,8 +80,16 @@ class LoRALinear(nn.Module):
 def read_file(path) -> dict:
     """The raw object of a checkpoint file (mmap'd pickle or safetensors) with clear errors."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
+        holds = f"it holds {_listed(inside)}: pass one of them" if inside else "it holds no checkpoint file"
+        raise ValueError(f"checkpoint {str(path)!r} is a directory, but a checkpoint file is expected here "
+                         f"({'; '.join(FORMATS)}); {holds}. A whole download in the official layout goes to "
+                         f"AvatarPipeline.from_pretrained(DIR) (CLI: --weights DIR)")
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} is not a regular file; pass the path of a checkpoint file")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)                     # the magic only: checkpoints are GBs
@@ -264,8 +273,14 @@ def save_safetensors(model_or_state, path, metadata: dict | None = None) -> None
 def resolve_layout(root) -> dict:
     """Paths of the official download layout under `root` (None where absent)."""
     root = Path(root)
-    if not root.is_dir():
+    if root.is_file():
+        raise ValueError(f"weights directory {str(root)!r} is a file, but the directory of the official download "
+                         f"layout (checkpoints/model.pt, wan_models/...) is expected here; pass a single DiT "
+                         f"checkpoint as AvatarPipeline.from_pretrained(dit={str(root)!r})")
+    if not root.exists():
         raise FileNotFoundError(f"weights directory {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise ValueError(f"weights directory {str(root)!r} is not a directory; pass the download directory")
     wan = root / "wan_models" / "Wan2.1-T2V-1.3B"
     candidates = {
         "dit": [root / "checkpoints" / "model.pt", root / "model.pt"],

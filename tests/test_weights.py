@@ -212,6 +212,26 @@ def test_integer_tensors_where_weights_are_expected(model, tmp_path, container, 
             load_dit(target, path)
 
 
+def test_directory_given_for_a_checkpoint_file(model, tmp_path):
+    torch.save(model.state_dict(), tmp_path / "dit.pt")
+    with pytest.raises(ValueError, match=r"is a directory, but a checkpoint file is expected.*it holds dit\.pt"):
+        load_dit(meta_model(), tmp_path)
+    from runtime.vae import WanVAE
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"'.*empty' is a directory.*holds no checkpoint file.*from_pretrained\(DIR\)"):
+        load_vae(WanVAE(CFG), tmp_path / "empty")
+
+
+def test_file_given_for_the_weights_directory(model, tmp_path):
+    from runtime import AvatarPipeline
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"'.*model\.pt' is a file, but the directory of the official download layout.*"
+                                         r"from_pretrained\(dit="):
+        resolve_layout(tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="is a file, but the directory"):
+        AvatarPipeline.from_pretrained(tmp_path / "model.pt", preset="tiny", device="cpu")
+
+
 def test_resolve_layout(tmp_path):
     wan = tmp_path / "wan_models" / "Wan2.1-T2V-1.3B"
     (wan / "google" / "umt5-xxl").mkdir(parents=True)
