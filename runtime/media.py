@@ -2,13 +2,15 @@
 
 Input side, matching the official AvatarForcing preprocessing (`inference.py`, `utils/dataset.py`):
 - image: decoded to 8-bit RGB (`PIL.Image.convert("RGB")` for 8-bit modes: alpha dropped, no EXIF rotation, as the
-  official loader; 16-bit and float images scaled by their own range, see `load_image`), resized with PIL BILINEAR (antialiased; what torchvision's `resize` runs on a PIL image), then /255 and
-  (x - 0.5) / 0.5 into [-1, 1] as `ToTensor` + `Normalize(0.5, 0.5)`. The model's size is fixed per config, so
+  official loader; 16-bit and float images scaled by their own range, see `load_image`), resized with PIL
+  BILINEAR (antialiased; what torchvision's `resize` runs on a PIL image), then /255 and (x - 0.5) / 0.5 into
+  [-1, 1] as `ToTensor` + `Normalize(0.5, 0.5)`. The model's size is fixed per config, so
   `prepare_image` refuses a mismatched aspect ratio unless asked to crop; `official_size` gives the official
   `ResizeKeepRatioArea16` size ("official quirk mode": any aspect, area <= 480*832, sides truncated to 16).
 - audio: float32 mono 16 kHz. Files are decoded with PyAV (any container/codec FFmpeg reads), channels averaged,
   resampled with soxr. The official code reads with libsndfile and resamples with torchaudio, so resampled or mp3
-  input matches it closely but not bit for bit; 16 kHz int16 wav/flac input matches exactly.
+  input matches it closely but not bit for bit; 16 kHz int16 wav/flac input matches exactly. Files and arrays
+  share one level rule (`load_audio`): overshoot up to 4x full scale is clipped to [-1, 1], more is refused.
 Output side: `frames_to_uint8` is the official write path (clamp, (x+1)/2, x255, truncating uint8 cast);
 `Mp4Writer` streams frames into an mp4 and publishes it by atomic rename only when it is complete.
 
