@@ -224,7 +224,8 @@ class StreamSession:
             self._fresh_noise = self._randn((n, self.cfg.vae_z_dim, *self.cfg.latent_hw))
 
     def push_audio(self, pcm, sample_rate: int = 16000) -> Tensor:
-        """Append float32 mono 16 kHz samples (any length); returns the frames finalised by them."""
+        """Append float32 mono 16 kHz samples (any length; sample_rate an int in Hz); returns the frames finalised
+        by them. Levels follow runtime.media.load_audio: peaks up to 4x full scale are clipped, beyond refused."""
         self._check_open()
         if check_sample_rate(sample_rate) != self.cfg.sample_rate:
             raise ValueError(f"push_audio got {sample_rate} Hz audio; the stream takes {self.cfg.sample_rate} Hz mono. "
