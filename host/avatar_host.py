@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import runtime.pipeline  # noqa: F401  the whole runtime now: a missing dependency fails at start-up, with a hint
-from runtime.generate import build_pipeline
+from runtime.generate import build_pipeline, device_and_dtype
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -41,7 +41,7 @@ class HostSession:
             raise FileNotFoundError(f"weights directory not found: {weights} (expected the official download "
                                     "layout, see the README section 'Real weights')")
         args = Namespace(preset=preset, weights=weights, device=device, dtype=dtype, seed=seed)
-        self.pipe = build_pipeline(args)
+        self.pipe = build_pipeline(args, *device_and_dtype(device, dtype))
         self.session = self.pipe.session(image, stream=stream or "official", text=text or "", seed=seed,
                                          fit=fit or "error")
         self.queue: deque[np.ndarray] = deque()   # each [T, H, W, 3] uint8; T > 0

@@ -77,11 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_args(args):
     """Every check that needs neither the model nor the decoded inputs, so that bad arguments fail at once.
     Returns the (torch.device, torch.dtype) to build the pipeline with."""
-    import torch
-
     from .config import ModelConfig, StreamConfig, check_seed
     from .media import Mp4Writer
-    from .pipeline import resolve_device, resolve_dtype
     Mp4Writer.check_path(args.out)
     if Path(args.out).suffix.lower() != ".mp4":
         raise ValueError(f"--out must end in .mp4, got {Path(args.out).name!r}")
@@ -104,10 +101,18 @@ def check_args(args):
     if args.stream is not None:
         StreamConfig.preset(args.stream)
     try:
-        device = resolve_device(args.device)
+        return device_and_dtype(args.device, args.dtype)
     except ValueError as err:
         raise ValueError(f"--device {args.device}: {err}") from None
-    return device, resolve_dtype(args.dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def device_and_dtype(device=None, dtype=None):
+    """The CLI's (and the C host's) defaults: CUDA when available, else the CPU; bfloat16 on CUDA, else float32."""
+    import torch
+
+    from .pipeline import resolve_device, resolve_dtype
+    device = resolve_device(device)
+    return device, resolve_dtype(dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def build_pipeline(args, device, dtype):
