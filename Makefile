@@ -18,8 +18,11 @@ LATEST_VENV ?= /tmp/avatar-runtime-latest
 
 .PHONY: install demo test test-all test-latest lock gpu-check clean
 
+# A changed lock or pyproject rebuilds .venv from scratch, so that it holds exactly the lock (pip install -r adds
+# and upgrades, but never removes a package the lock dropped).
 $(STAMP): pyproject.toml $(LOCK)
-	test -x $(PY) || python3 -m venv $(VENV)
+	rm -rf $(VENV)
+	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "pip==$(PIP_VERSION)"
 	$(PY) -m pip install -q -r $(LOCK)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
@@ -56,7 +59,7 @@ test-latest:
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/pip install -q --upgrade ".[$(EXTRAS)]"
 	$(LATEST_VENV)/bin/pip check
-	$(LATEST_VENV)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|numpy|av|pillow|onnx|onnxruntime|onnxscript|triton|kernels|huggingface-hub|tokenizers|safetensors)=='
+	$(LATEST_VENV)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|numpy|av|pillow|onnx|onnxruntime|onnxscript|triton|kernels|huggingface.hub|tokenizers|safetensors)=='
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 comma := ,
