@@ -58,6 +58,7 @@ test-latest:
 	python3 -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/pip install -q --upgrade ".[$(EXTRAS)]"
+	rm -rf build avatar_runtime.egg-info
 	$(LATEST_VENV)/bin/pip check
 	$(LATEST_VENV)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|numpy|av|pillow|onnx|onnxruntime|onnxscript|triton|kernels|huggingface.hub|tokenizers|safetensors)=='
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider

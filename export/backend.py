@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from runtime.rope import grid_positions, rope_cos_sin
-from runtime.vae import DecodeCache
+from runtime.decoder import DecodeCache
 
 from .onnx import (DECODER_GRAPHS, DIT_GRAPHS, ExportedGraph, build_module, listed_graphs, load_export,
                    sample_inputs, time_sinusoid)
@@ -251,7 +251,7 @@ class ExportedDecoder:
                              f"batch {batch} at {width}x{height}; re-export for that size")
         spec = self.step.graph.spec
         tensors = [torch.zeros(spec.input(name).shape, dtype=self.dtype, device=device) for name, _ in self.state]
-        return DecodeCache(tensors, False, batch, height, width)
+        return DecodeCache(tensors, batch, height, width)
 
     def decode_step(self, z_frames: Tensor, cache: DecodeCache) -> Tensor:
         """Normalised latents [1, 16, T, h, w] -> frames [1, 3, n, H, W] in [-1, 1] (n = 1 for a stream's first
@@ -260,18 +260,21 @@ class ExportedDecoder:
         if z_frames.ndim != 5 or tuple(z_frames.shape[:2]) != want[:2] or tuple(z_frames.shape[3:]) != want[3:]:
             raise ValueError(f"the decoder graphs take latents [1, {want[1]}, T, {want[3]}, {want[4]}], "
                              f"got {list(z_frames.shape)}")
+        return cache.step(self, z_frames)
+
+    def __call__(self, z_frames: Tensor, state: list[Tensor], first: bool) -> tuple[Tensor, list[Tensor]]:
+        """The pure decoder step of decoder.py on the graphs: one graph call per latent (vae_first for a stream's
+        first latent, vae_step for the others)."""
         frames = []
         for i in range(z_frames.shape[2]):
-            runner = self.step if cache.first_done else self.first
+            runner = self.first if first and i == 0 else self.step
             feeds = {"z": z_frames[:, :, i:i + 1].to(self.dtype).contiguous()}
-            feeds.update({name: t for (name, _), t in zip(self.state, cache.tensors)})
+            feeds.update({name: t for (name, _), t in zip(self.state, state)})
             out = runner.run(feeds)
-            for (_, name), t in zip(self.state, cache.tensors):
-                t.copy_(out[name])
-            # clone: a TensorRT runner hands back its own output buffer, reused by the next call
+            # clone: a TensorRT runner hands back its own output buffers, reused by the next call
+            state = [out[name].to(t.device).clone() for (_, name), t in zip(self.state, state)]
             frames.append(out["frames"].to(device=z_frames.device, dtype=z_frames.dtype).clone())
-            cache.first_done = True
-        return torch.cat(frames, dim=2)
+        return torch.cat(frames, dim=2), state
 
 
 # ------------------------------------------------------------------------------------------------ parity

@@ -47,8 +47,6 @@ from torch import Tensor, nn
 from runtime.config import ModelConfig, StreamConfig, load_json, save_json
 from runtime.dit import AvatarDiT, sinusoidal_embedding
 from runtime.rope import apply_rope, grid_positions, rope_cos_sin
-from runtime.engine import decoder_call
-from runtime.session import decoder_state
 from runtime.tiny_decoder import TAEHV
 
 try:
@@ -142,7 +140,7 @@ def graph_specs(cfg: ModelConfig, stream: StreamConfig, dtype: torch.dtype = tor
         _dit_spec("dit_masked", cfg, dtype, F, W, anchor, masked=True, flow=True, kv=True),
     ]
     decoder = decoder if decoder is not None else _meta_decoder(cfg)
-    state = list(decoder_state(decoder.init_decode_cache(1, dtype, "meta", cfg.height, cfg.width)))
+    state = decoder.init_decode_cache(1, dtype, "meta", cfg.height, cfg.width).tensors
     for name, first in (("vae_first", True), ("vae_step", False)):
         specs.append(_decoder_spec(name, cfg, dtype, [tuple(t.shape) for t in state], first, type(decoder).__name__))
     if cfg.num_audio_projs:                    # a model under 4 layers injects no audio
@@ -277,7 +275,7 @@ class DecoderGraph(nn.Module):
         self.decoder, self.first = decoder, first
 
     def forward(self, z: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
-        frames, new = decoder_call(self.decoder, z, list(state), self.first)
+        frames, new = self.decoder(z, list(state), self.first)
         return (frames, *new)
 
 

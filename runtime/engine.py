@@ -30,7 +30,7 @@ from .dit import Prefix
 from .media import frames_to_uint8
 from .rope import Rope, axis_pairs, axis_tables, inv_freqs
 from .scheduler import sigma_for, step_plan
-from .session import PINNED_SLOTS, decoder_state
+from .session import PINNED_SLOTS
 
 
 
@@ -212,11 +212,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         s = self.s
-        dec = s.pipe.decoder
-        tensors = decoder_state(s.decode_cache)
-        frames, new = decoder_call(dec, self.z_static.to(s.pipe.vae_dtype), list(tensors), first=False)
-        for old, fresh in zip(tensors, new):
-            old.copy_(fresh)
+        frames = s.decode_cache.step(s.pipe.decoder, self.z_static.to(s.pipe.vae_dtype))
         u8 = frames_to_uint8(frames)
         if self.frames_u8 is None or self.frames_u8.shape != u8.shape:
             self.frames_u8 = torch.empty_like(u8)
@@ -256,7 +252,7 @@ class Engine:
 
     def _snapshot(self) -> list[tuple[Tensor, Tensor]]:
         s = self.s
-        state = [self.window, s.cache.ring_k, s.cache.ring_v, *decoder_state(s.decode_cache)]
+        state = [self.window, s.cache.ring_k, s.cache.ring_v, *s.decode_cache.tensors]
         return [(t, t.clone()) for t in state]
 
     @staticmethod
@@ -304,12 +300,3 @@ def _rotate(use_kernels: bool):
     from .rope import apply_rope
     return lambda k, rope: apply_rope(k, *rope.full)
 
-
-def decoder_call(decoder, z: Tensor, state: list[Tensor], first: bool) -> tuple[Tensor, list[Tensor]]:
-    """One decoder step as a pure function: (frames [B, 3, n, H, W] in [-1, 1], new state). TAEHV's first step
-    drops its startup frames here, so every decoder's first latent yields one frame."""
-    from .tiny_decoder import FRAMES_TO_TRIM, TAEHV
-    if isinstance(decoder, TAEHV):
-        frames, new = decoder(z, state)
-        return (frames[:, :, FRAMES_TO_TRIM:] if first else frames), new
-    return decoder(z, state, first)                          # WanVAE, FrameAE

@@ -13,20 +13,19 @@ each saying which are real), through a convolution added to its first layer. Lat
 arrive in the same decode call, so this adds no latency; earlier ones are the streaming state (the last n codes),
 so streaming decode equals offline decode exactly. Seeing its neighbours lets the decoder tell the one-step DiT's
 independent per-frame and per-latent errors (flicker) from motion, as the Wan VAE's causal temporal decoder
-does; (0, 0) decodes each frame alone. The interface is the Wan VAE's: `encode`, `decode`, `init_decode_cache`,
-`decode_step`, `forward(z, state, first)`.
+does; (0, 0) decodes each frame alone. The interface is the Wan VAE's: `encode`, `decode`, and the streaming
+decoder interface of decoder.py (`init_decode_cache`, `decode_step`, `forward(z, state, first)`).
 
 Not here: training (train/ae.py, train/toy.py).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .config import ModelConfig
+from .decoder import DecodeCache
 
 
 class _Res(nn.Module):
@@ -47,28 +46,13 @@ def context_index(frames: Tensor, earlier: int, later: int, group: int = 4) -> t
     """Which codes frame t's decoder sees, as stream frame numbers (latent 0 = frame 0 alone, latent k >= 1 =
     frames 4k-3 .. 4k): frames [N] -> (numbers [N, earlier + later]: t - earlier .. t - 1 clamped to frame 0,
     then t + 1 .. t + later clamped to the last frame of t's latent; mask [N, later]: 1.0 where that later frame
-    is real). Runtime decode and decoder training both build the context from this one definition."""
+    is real), on the device of `frames`. Runtime decode and decoder training build the context from this one
+    definition."""
     frames = frames.long().view(-1, 1)
-    before = (frames - torch.arange(earlier, 0, -1)).clamp_min(0)
+    before = (frames - torch.arange(earlier, 0, -1, device=frames.device)).clamp_min(0)
     last = group * latent_of(frames, group)                                # frame 0: its own latent
-    after = frames + torch.arange(1, later + 1)
+    after = frames + torch.arange(1, later + 1, device=frames.device)
     return torch.cat([before, torch.minimum(after, last)], 1), (after <= last).float()
-
-
-@dataclass
-class FrameAECache:
-    """Streaming decoder state: tensors = [the last n frame codes, raw, [B, n c, h, w]] (empty when n = 0);
-    first_done is False until the stream's first latent has been decoded. Shapes never change."""
-    tensors: list[Tensor]
-    first_done: bool = False
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
-
-    def reset(self) -> None:
-        for t in self.tensors:
-            t.zero_()
-        self.first_done = False
 
 
 def _zero_conv(c_in: int, c_out: int) -> nn.Conv2d:
@@ -163,20 +147,18 @@ class FrameAE(nn.Module):
         cache = self.init_decode_cache(z.shape[0], z.dtype, z.device, z.shape[-2] * 4, z.shape[-1] * 4)
         return self.decode_step(z, cache)
 
-    def init_decode_cache(self, batch, dtype, device, height, width) -> FrameAECache:
-        """Zero state for a stream of `batch` videos of height x width pixels (multiples of 4)."""
-        if not self.earlier:
-            return FrameAECache([])
+    def init_decode_cache(self, batch, dtype, device, height, width) -> DecodeCache:
+        """Zero state for a stream of `batch` videos of height x width pixels (multiples of 4): tensors = [the last
+        `earlier` frame codes, raw, [B, earlier * code, h, w]] (empty without earlier context)."""
         if height <= 0 or width <= 0 or height % 4 or width % 4:
             raise ValueError(f"output size {width}x{height} must be positive multiples of 4")
         shape = (batch, self.earlier * self.code, height // 4, width // 4)
-        return FrameAECache([torch.zeros(shape, dtype=dtype, device=device)])
+        return DecodeCache([torch.zeros(shape, dtype=dtype, device=device)] if self.earlier else [],
+                           batch, height, width)
 
-    def decode_step(self, z_frames: Tensor, cache: FrameAECache) -> Tensor:
+    def decode_step(self, z_frames: Tensor, cache: DecodeCache) -> Tensor:
         """Streaming: the stream's first latent gives 1 frame, every later latent 4 (any number per call)."""
-        frames, _ = self.forward(z_frames, cache.tensors, first=not cache.first_done)
-        cache.first_done = True
-        return frames
+        return cache.step(self, z_frames)
 
     def forward(self, z_frames: Tensor, state: list[Tensor], first: bool = False) -> tuple[Tensor, list[Tensor]]:
         """Pure step: (z [B, 16, t, h, w], state) -> (frames [B, 3, m, H, W] in [-1, 1], state with its entry
@@ -195,9 +177,11 @@ class FrameAE(nn.Module):
             seq = torch.cat([before.to(codes.dtype), codes], 1)          # [B, n + m, code, h, w]
             # stream numbers of this call's frames: from 0, or from a latent start far enough in that no clamp
             start = 0 if first else self.group * (n // self.group + 1) + 1
-            index, mask = context_index(torch.arange(start, start + m), n, self.later, self.group)
-            neighbours = seq[:, (index - start + n).to(codes.device)]   # [B, m, n + f, code, h, w]
-            context = self.context_input(neighbours.flatten(0, 1), mask.to(codes.device).repeat(B, 1))
+            # built on the codes' device: no host-to-device copy, so a CUDA graph can capture the step
+            frame_numbers = torch.arange(start, start + m, device=codes.device)
+            index, mask = context_index(frame_numbers, n, self.later, self.group)
+            neighbours = seq[:, index - start + n]                      # [B, m, n + f, code, h, w]
+            context = self.context_input(neighbours.flatten(0, 1), mask.repeat(B, 1))
             if n:
                 state[0] = seq[:, -n:].flatten(1, 2).to(state[0].dtype)
         frames = self.decode_frames(codes.flatten(0, 1), context).clamp(-1, 1).unflatten(0, (B, m))

@@ -486,13 +486,7 @@ class StreamSession:
 
     def _decode(self, latents: Tensor) -> Tensor:
         with self._timed("decode"), self._no_grad():
-            state = decoder_state(self.decode_cache)
-            before = list(state)
             video = self.decoder.decode_step(latents.to(self.pipe.vae_dtype), self.decode_cache)
-            for i, (old, new) in enumerate(zip(before, state)):
-                if new is not old:        # keep the state in the same buffers (a captured decode graph reads them)
-                    old.copy_(new)
-                    state[i] = old
             return frames_to_uint8(video).cpu()
 
     @contextmanager
@@ -503,10 +497,3 @@ class StreamSession:
         finally:
             self.timings[stage] += time.perf_counter() - start
 
-
-def decoder_state(cache) -> list:
-    """The list of state tensors of a decoder cache (Wan VAE `tensors`, TAEHV `memories`, FrameAE none)."""
-    for name in ("tensors", "memories"):
-        if isinstance(getattr(cache, name, None), list):
-            return getattr(cache, name)
-    return []

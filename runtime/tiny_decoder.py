@@ -11,11 +11,11 @@ Conventions of this project, not of TAEHV:
 - frames out:  [B, 3, F, H, W] RGB in [-1, 1] (TAEHV's [0, 1] clamp, then 2x - 1), H = 8h, W = 8w.
 Shape vocabulary: B batch, T latent frames, F video frames, C channels, h/w latent size, H/W pixel size.
 
-Streaming keeps one memory per MemBlock (its input at the last frame it saw, zeros at the start), fixed-shape
-tensors updated in place, plus a Python int of startup frames still to trim: every step with the same number of
-latents has the same shapes. `forward(z_frames, memories)` is the pure step with the state as explicit inputs and
-outputs (what an exported graph runs); `decode_step` wraps it with the in-place cache update and the trim, and
-`decode` is `decode_step` on a fresh cache, so any chunking equals it up to floating-point reassociation.
+Streaming keeps one memory per MemBlock (its input at the last frame it saw, zeros at the start) in a DecodeCache
+(decoder.py): fixed-shape tensors updated in place, so every step with the same number of latents has the same
+shapes. `forward(z_frames, memories, first)` is the pure step with the state as explicit inputs and outputs (what
+an exported graph runs; `first` trims the startup frames); `decode_step` wraps it with the in-place cache update,
+and `decode` is `decode_step` on a fresh cache, so any chunking equals it up to floating-point reassociation.
 
 Not here: encoding. The encoder modules exist only so that a released `taew2_1.pth` / `.safetensors` loads with
 strict key checking; the reference image goes through the Wan VAE encoder (vae.py). Reduced-upscale preview modes
@@ -23,7 +23,6 @@ of the published code are not offered either.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .config import ModelConfig
+from .decoder import DecodeCache
 
 DECODER_TIME_UPSCALE = (1, 2, 2)     # TGrow stride per decoder stage (taew2_1 defaults): x4 frames per latent
 ENCODER_TIME_DOWNSCALE = (2, 2, 1)   # TPool stride per encoder stage: 4 frames -> 1 latent
@@ -109,30 +109,6 @@ def _build_encoder(z_dim: int, width: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-@dataclass
-class TAEHVDecodeCache:
-    """Streaming state: every MemBlock's input at the last decoded frame, plus startup bookkeeping.
-
-    memories[k]: [B, C_s, h * 2^s, w * 2^s] for the k-th MemBlock (stage s), zeros before the first frame.
-    frames_to_trim: startup frames still to drop (3 before the first step, 0 after it).
-    """
-    memories: list[Tensor]
-    frames_to_trim: int
-    latents_decoded: int
-    batch: int
-    height: int      # output pixel rows H
-    width: int       # output pixel columns W
-
-    def nbytes(self) -> int:
-        return sum(m.numel() * m.element_size() for m in self.memories)
-
-    def reset(self) -> None:
-        """Start a new stream in place (same buffers, so captured graphs stay valid)."""
-        for m in self.memories:
-            m.zero_()
-        self.frames_to_trim, self.latents_decoded = FRAMES_TO_TRIM, 0
-
-
 class TAEHV(nn.Module):
     """TAEHV with the `taew2_1` layout; widths from cfg.taehv_channels, latent channels cfg.vae_z_dim."""
 
@@ -152,8 +128,9 @@ class TAEHV(nn.Module):
         self.encoder = _build_encoder(cfg.vae_z_dim, widths[-1])
 
     # -- streaming --
-    def init_decode_cache(self, batch: int, dtype: torch.dtype, device, height: int, width: int) -> TAEHVDecodeCache:
-        """Zero memories for a stream of `batch` videos of output size height x width (pixels, multiples of 8)."""
+    def init_decode_cache(self, batch: int, dtype: torch.dtype, device, height: int, width: int) -> DecodeCache:
+        """Zero state for a stream of `batch` videos of output size height x width (pixels, multiples of 8):
+        tensors[k] [B, C_s, h * 2^s, w * 2^s] is the k-th MemBlock's input (stage s) at the last decoded frame."""
         if height % self.space_upscale or width % self.space_upscale or height <= 0 or width <= 0:
             raise ValueError(f"output size {width}x{height} must be positive multiples of {self.space_upscale}")
         h, w = height // self.space_upscale, width // self.space_upscale
@@ -161,25 +138,20 @@ class TAEHV(nn.Module):
         for stage, c in enumerate(self.widths[:-1]):
             size = (batch, c, h * SPACE_UPSCALE ** stage, w * SPACE_UPSCALE ** stage)
             memories += [torch.zeros(size, dtype=dtype, device=device) for _ in range(MEMBLOCKS_PER_STAGE)]
-        return TAEHVDecodeCache(memories, FRAMES_TO_TRIM, 0, batch, height, width)
+        return DecodeCache(memories, batch, height, width)
 
     @torch.no_grad()
-    def decode_step(self, z_frames: Tensor, cache: TAEHVDecodeCache) -> Tensor:
+    def decode_step(self, z_frames: Tensor, cache: DecodeCache) -> Tensor:
         """z_frames [B, 16, t, h, w] -> frames [B, 3, n, H, W] in [-1, 1]; n = 4t, minus 3 on a stream's first step."""
         self._check_step(z_frames, cache)
         if z_frames.shape[2] == 0:
             return z_frames.new_zeros(cache.batch, IMAGE_CHANNELS, 0, cache.height, cache.width)
-        frames, new_memories = self(z_frames, cache.memories)
-        for memory, new in zip(cache.memories, new_memories):
-            memory.copy_(new)
-        trim = min(cache.frames_to_trim, frames.shape[2])
-        cache.frames_to_trim -= trim
-        cache.latents_decoded += z_frames.shape[2]
-        return frames[:, :, trim:].contiguous()
+        return cache.step(self, z_frames).contiguous()
 
-    def forward(self, z_frames: Tensor, memories: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, z_frames: Tensor, memories: list[Tensor], first: bool = False) -> tuple[Tensor, list[Tensor]]:
         """The pure step (explicit state, for export): z_frames [B, 16, t, h, w] and the 9 MemBlock memories ->
-        untrimmed frames [B, 3, 4t, H, W] in [-1, 1] and the next memories (the MemBlock inputs at the last frame)."""
+        frames [B, 3, 4t, H, W] in [-1, 1] (4t - 3 when `first`: a stream's first latent drops TAEHV's startup
+        frames) and the next memories (the MemBlock inputs at the last frame)."""
         b, _, t, h, w = z_frames.shape
         x = z_frames.transpose(1, 2).reshape(b * t, self.z_dim, h, w)     # [B*T, C, h, w], batch-major
         pasts = iter(memories)
@@ -194,10 +166,12 @@ class TAEHV(nn.Module):
             else:
                 x = layer(x)
         y = x.unflatten(0, (b, -1)).transpose(1, 2)                          # [B, 3, 4T, H, W]
+        if first:
+            y = y[:, :, FRAMES_TO_TRIM:]
         # TAEHV's output convention is [0, 1] (clamped); this project's decoders return [-1, 1].
         return y.clamp(0, 1).mul(2).sub(1), new_memories
 
-    def _check_step(self, z: Tensor, cache: TAEHVDecodeCache) -> None:
+    def _check_step(self, z: Tensor, cache: DecodeCache) -> None:
         if not isinstance(z, Tensor) or z.ndim != 5 or z.shape[1] != self.z_dim:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
             raise ValueError(f"TAEHV expects latents [B, {self.z_dim}, T, h, w] (BCFHW), got {shape}")
@@ -207,9 +181,9 @@ class TAEHV(nn.Module):
             raise ValueError(f"latents have batch {b} and size {w}x{h}, but the cache was made for batch {want[0]} "
                              f"and latent size {want[2]}x{want[1]}; call init_decode_cache with the stream's shape")
         weight = self.decoder[1].weight
-        if z.dtype != weight.dtype or z.dtype != cache.memories[0].dtype:
+        if z.dtype != weight.dtype or z.dtype != cache.tensors[0].dtype:
             raise TypeError(f"latents are {z.dtype}, decoder weights {weight.dtype}, cache "
-                            f"{cache.memories[0].dtype}; cast them to one dtype")
+                            f"{cache.tensors[0].dtype}; cast them to one dtype")
         if z.device != weight.device:
             raise ValueError(f"latents are on {z.device} but the decoder is on {weight.device}")
 

@@ -21,7 +21,6 @@ is empty for Wan 2.1), tiling, training-time dropout, and the weight-file loader
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ModelConfig
+from .decoder import DecodeCache
 
 CACHE_T = 2            # past frames a 3-tap causal conv needs
 IMAGE_CHANNELS = 3
@@ -245,26 +245,6 @@ class Decoder3d(nn.Module):
         return shapes + [(self.head[2].in_channels, h, w)]
 
 
-@dataclass
-class DecodeCache:
-    """Streaming decoder state: tensors[i] [B, C_i, 2, H_i, W_i] is slot i's last two input frames (zeros at the
-    start); first_done is False until the stream's first latent has been decoded. Shapes never change."""
-    tensors: list[Tensor]
-    first_done: bool
-    batch: int
-    height: int      # output pixel rows H
-    width: int       # output pixel columns W
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
-
-    def reset(self) -> None:
-        """Start a new stream with the same buffers."""
-        for t in self.tensors:
-            t.zero_()
-        self.first_done = False
-
-
 class WanVAE(nn.Module):
     """The Wan 2.1 VAE at cfg's size: `encode` (video -> normalised latents), offline `decode`, streaming
     `init_decode_cache` + `decode_step`, and `forward` = the pure decoder step with explicit state (for export)."""
@@ -341,7 +321,7 @@ class WanVAE(nn.Module):
             raise ValueError(f"output size {width}x{height} must be positive multiples of {s}")
         tensors = [torch.zeros(batch, c, CACHE_T, h, w, dtype=dtype, device=device)
                    for c, h, w in self.decoder.cache_shapes(height // s, width // s)]
-        return DecodeCache(tensors, False, batch, height, width)
+        return DecodeCache(tensors, batch, height, width)
 
     def forward(self, z_frames: Tensor, caches: list[Tensor], first: bool) -> tuple[Tensor, list[Tensor]]:
         """The pure decoder step: normalised z_frames [B, 16, T, h, w] and the slot tensors -> video
@@ -367,9 +347,7 @@ class WanVAE(nn.Module):
                              f"batch {cache.batch} at {cache.width}x{cache.height}; call init_decode_cache again")
         if z_frames.dtype != cache.tensors[0].dtype:
             raise TypeError(f"latents are {z_frames.dtype} but the cache is {cache.tensors[0].dtype}")
-        video, _ = self(z_frames, cache.tensors, not cache.first_done)
-        cache.first_done = True
-        return video
+        return cache.step(self, z_frames)
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:

