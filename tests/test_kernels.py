@@ -215,3 +215,46 @@ def test_dit_kernel_path_equals_reference_path(dtype):
     else:
         err, own = (got.float() - ref32).abs().max(), (ref_lowp.float() - ref32).abs().max()
         assert err <= 2 * own + 2e-3, (err, own)
+
+
+# --------------------------------------------------------------------------------------------- custom ops
+def test_kernels_are_custom_ops_with_fake_implementations():
+    """torch.library.opcheck: schema (no input mutated), fake implementation (same shapes, strides and dtypes as
+    the real output, also under dynamic shapes), autograd registration; on the CPU under the interpreter."""
+    ops = torch.ops.avatar
+    H, D, frames, grid = 2, 16, [3, 5], (2, 3)
+    S = len(frames) * grid[0] * grid[1]
+    tables = axis_tables(frames, grid, D, DEVICE)
+    q, k, v = (rand(1, S, H, D, dtype=torch.float32, seed=i) for i in range(3))
+    anchor, ring = rand(1, 6, H, D, dtype=torch.float32, seed=4), rand(1, 12, H, D, dtype=torch.float32, seed=5)
+    lin = [rand(1, S, H * D, dtype=torch.float32, seed=i) for i in (6, 7)]
+    weights = [rand(H * D, dtype=torch.float32, seed=i).abs() + 0.5 for i in (8, 9)]
+    r, mod = rand(1, 2 * 6, 32, dtype=torch.float32, seed=10), rand(1, 2, 2, 32, dtype=torch.float32, seed=11)
+    audio = rand(1, 2, 32, dtype=torch.float32, seed=12)
+    cases = [
+        (ops.ring_attention.default, (q, k, v, anchor, anchor, ring, ring, 9, 7)),
+        (ops.ring_attention.default, (q, k, v, None, None, None, None, 0, 0)),
+        (ops.qk_norm_rope.default, (*lin, *weights, *tables, H, 1e-6)),
+        (ops.rope_rotate.default, (k, *tables)),
+        (ops.audio_inject.default, (r, audio, mod[:, :, 0], mod[:, :, 1], 1e-6)),
+        (ops.layernorm_modulate.default, (r, mod[:, :, 0], mod[:, :, 1], 1e-6)),
+    ]
+    for op, args in cases:
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, (op, result)
+
+
+def test_autotune_keeps_only_tiles_that_fit_shared_memory(monkeypatch):
+    """The pruning of the attention tiles: Q tile + num_stages K/V tiles must fit the device's shared memory."""
+    triton = pytest.importorskip("triton")
+    from runtime.kernels import ring_attention as ra
+    assert ra.tile_bytes(128, 128, 128, 4, 2) == 288 * 1024 > 227 * 1024       # the Hopper limit: pruned
+    assert ra.tile_bytes(128, 64, 128, 3, 2) == 128 * 1024
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=8, num_stages=st)
+               for m, n, st in ((128, 128, 4), (64, 64, 3), (128, 64, 3))]
+    monkeypatch.setattr(ra, "shared_memory_per_block", lambda device: 227 * 1024)
+    q = torch.empty(1, 1, 12, 128, dtype=torch.bfloat16)
+    kept = ra._fits_shared_memory(configs, {"Q": q, "D": 128})
+    assert kept == configs[1:]
+    monkeypatch.setattr(ra, "shared_memory_per_block", lambda device: 1024)       # nothing fits: keep the smallest
+    assert ra._fits_shared_memory(configs, {"Q": q, "D": 128}) == [configs[1]]

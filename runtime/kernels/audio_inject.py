@@ -54,7 +54,8 @@ if HAS_TRITON:
 def audio_inject(r: Tensor, shift: Tensor, scale: Tensor, audio: Tensor | None = None,
                  eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """r [B, S, C]; shift, scale [B, F, C] (any strides along B, F; contiguous along C); audio [B, F, C] or None.
-    Returns (r', h), both [B, S, C] contiguous in r's dtype (r' is r itself when audio is None)."""
+    Returns (r', h), both [B, S, C] contiguous in r's dtype (r' is r itself when audio is None). The custom ops
+    `avatar::audio_inject` and, without audio, `avatar::layernorm_modulate`."""
     check(HAS_TRITON, "audio_inject needs triton; use audio_inject_ref")
     check(r.ndim == 3 and shift.ndim == 3 and shift.shape == scale.shape,
           f"expected r [B, S, C] and shift/scale [B, F, C], got {r.shape=} {shift.shape=} {scale.shape=}")
@@ -65,8 +66,15 @@ def audio_inject(r: Tensor, shift: Tensor, scale: Tensor, audio: Tensor | None =
     check(r.stride(2) == 1 and shift.stride(2) == 1 and scale.stride(2) == 1 and shift.stride() == scale.stride(),
           f"the channel dim must be contiguous and shift/scale strides equal: {r.stride()=} {shift.stride()=}")
     check(r.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {r.dtype}")
-    if audio is not None:
-        check(audio.shape == shift.shape and audio.stride(2) == 1, f"{audio.shape=} must equal {shift.shape=}")
+    if audio is None:
+        return r, torch.ops.avatar.layernorm_modulate(r, shift, scale, eps)
+    check(audio.shape == shift.shape and audio.stride(2) == 1, f"{audio.shape=} must equal {shift.shape=}")
+    return torch.ops.avatar.audio_inject(r, audio, shift, scale, eps)
+
+
+def _launch(r: Tensor, audio: Tensor | None, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    B, S, C = r.shape
+    frames = shift.shape[1]
     r_out = torch.empty(B, S, C, dtype=r.dtype, device=r.device) if audio is not None else r
     h = torch.empty(B, S, C, dtype=r.dtype, device=r.device)
     a = audio if audio is not None else shift
@@ -75,6 +83,26 @@ def audio_inject(r: Tensor, shift: Tensor, scale: Tensor, audio: Tensor | None =
         r.stride(0), r.stride(1), a.stride(0), a.stride(1), shift.stride(0), shift.stride(1),
         HAS_AUDIO=audio is not None, BLOCK_C=next_pow2(C), num_warps=4 if C <= 2048 else 8)
     return r_out, h
+
+
+@torch.library.custom_op("avatar::audio_inject", mutates_args=())
+def _audio_inject_op(r: Tensor, audio: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return _launch(r, audio, shift, scale, eps)
+
+
+@_audio_inject_op.register_fake
+def _(r, audio, shift, scale, eps):
+    return r.new_empty(r.shape), r.new_empty(r.shape)
+
+
+@torch.library.custom_op("avatar::layernorm_modulate", mutates_args=())
+def _layernorm_modulate_op(r: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    return _launch(r, None, shift, scale, eps)[1]
+
+
+@_layernorm_modulate_op.register_fake
+def _(r, shift, scale, eps):
+    return r.new_empty(r.shape)
 
 
 def audio_inject_ref(r: Tensor, shift: Tensor, scale: Tensor, audio: Tensor | None = None,

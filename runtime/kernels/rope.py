@@ -112,19 +112,54 @@ def _launch(xq, xk, wq, wk, tables, num_heads, eps, norm, do_q, write_pre):
     return q_rot, k_rot, k_pre
 
 
+def _check_tables(tables) -> None:
+    check(len(tables) == 6, f"expected 6 axis tables (cos_t, sin_t, cos_h, sin_h, cos_w, sin_w), got {len(tables)}")
+
+
 def qk_norm_rope(q_lin: Tensor, k_lin: Tensor, wq: Tensor, wk: Tensor, tables, num_heads: int,
                  eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
-    """q_lin, k_lin [B, S, C] (projection outputs) -> q_rot, k_rot, k_pre, each [B, S, N_h, D]."""
+    """q_lin, k_lin [B, S, C] (projection outputs) -> q_rot, k_rot, k_pre, each [B, S, N_h, D]
+    (the custom op `avatar::qk_norm_rope`)."""
     check(q_lin.shape == k_lin.shape and q_lin.dtype == k_lin.dtype, f"{q_lin.shape=} {k_lin.shape=} must match")
-    return _launch(q_lin, k_lin, wq, wk, tables, num_heads, eps, norm=True, do_q=True, write_pre=True)
+    check(k_lin.ndim == 3 and k_lin.shape[2] % num_heads == 0, f"{k_lin.shape=} must be [B, S, {num_heads} x D]")
+    _check_tables(tables)
+    return torch.ops.avatar.qk_norm_rope(q_lin, k_lin, wq, wk, *tables, num_heads, eps)
 
 
 def rope_rotate(k_pre: Tensor, tables) -> Tensor:
-    """Cached keys [B, S, N_h, D] (normed, before RoPE) -> rotated to the positions described by `tables`."""
+    """Cached keys [B, S, N_h, D] (normed, before RoPE) -> rotated to the positions described by `tables`
+    (the custom op `avatar::rope_rotate`)."""
     check(k_pre.ndim == 4, f"expected [B, S, N_h, D], got {k_pre.shape=}")
+    _check_tables(tables)
+    return torch.ops.avatar.rope_rotate(k_pre, *tables)
+
+
+@torch.library.custom_op("avatar::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(q_lin: Tensor, k_lin: Tensor, wq: Tensor, wk: Tensor, cos_t: Tensor, sin_t: Tensor,
+                     cos_h: Tensor, sin_h: Tensor, cos_w: Tensor, sin_w: Tensor, num_heads: int,
+                     eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    tables = (cos_t, sin_t, cos_h, sin_h, cos_w, sin_w)
+    return _launch(q_lin, k_lin, wq, wk, tables, num_heads, eps, norm=True, do_q=True, write_pre=True)
+
+
+@_qk_norm_rope_op.register_fake
+def _(q_lin, k_lin, wq, wk, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w, num_heads, eps):
+    B, S, C = k_lin.shape
+    return tuple(k_lin.new_empty(B, S, num_heads, C // num_heads) for _ in range(3))
+
+
+@torch.library.custom_op("avatar::rope_rotate", mutates_args=())
+def _rope_rotate_op(k_pre: Tensor, cos_t: Tensor, sin_t: Tensor, cos_h: Tensor, sin_h: Tensor, cos_w: Tensor,
+                    sin_w: Tensor) -> Tensor:
     B, S, H, D = k_pre.shape
+    tables = (cos_t, sin_t, cos_h, sin_h, cos_w, sin_w)
     return _launch(None, k_pre.reshape(B, S, H * D), None, None, tables, H, 0.0,
                    norm=False, do_q=False, write_pre=False)[1]
+
+
+@_rope_rotate_op.register_fake
+def _(k_pre, cos_t, sin_t, cos_h, sin_h, cos_w, sin_w):
+    return torch.empty_like(k_pre, memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------------------- references
@@ -140,8 +175,11 @@ def _tables_to_full(tables, S):
 
 
 def rope_rotate_ref(k_pre: Tensor, tables) -> Tensor:
-    from runtime.rope import apply_rope
-    return apply_rope(k_pre, *_tables_to_full(tables, k_pre.shape[1]))
+    """Pairs (2j, 2j+1) turned by their angle, in float32, result in k_pre's dtype (runtime.rope.apply_rope)."""
+    cos, sin = (t[:, None, :] for t in _tables_to_full(tables, k_pre.shape[1]))   # broadcast over heads
+    pairs = k_pre.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(k_pre.dtype)
 
 
 def qk_norm_rope_ref(q_lin, k_lin, wq, wk, tables, num_heads: int, eps: float = 1e-6):
