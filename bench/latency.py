@@ -173,12 +173,13 @@ def stage_times(pipe, image, stream, reps: int = 5) -> dict:
     with torch.inference_mode():
         sess.push_audio(speech(6 * stream.block_frames * 4 / 25 + 1.0, seed=3))
         wi = stream.window_blocks - 1 + -(-stream.history_frames // stream.block_frames)
-        sp = step_plan(stream, wi, None, sess.levels_t)
+        sp = step_plan(stream, wi, None, sess.state.levels_t)
         main, cp = sp.passes[0], sp.cache_pass
         F, h, w = len(main.frames), *cfg.latent_hw
         x = torch.randn(1, cfg.vae_z_dim, F, h, w, device=dev, dtype=pipe.dtype)
         audio = torch.zeros(1, 4 * F, cfg.audio_input_dim, device=dev, dtype=pipe.dtype)
-        sess.cache.slot_frame = list(main.history) + [None] * (sess.cache.capacity - len(main.history))
+        cache = sess.state.cache
+        cache.slot_frame = list(main.history) + [None] * (cache.capacity - len(main.history))
         out = {k: [] for k in ("audio", "dit_main", "dit_cache", "decode", "copy")}
         feat = pipe.streaming_audio(stream)
         feat.push(speech(F * 4 / 25 + stream.audio_left_context_s, seed=4))
@@ -186,11 +187,12 @@ def stage_times(pipe, image, stream, reps: int = 5) -> dict:
             with timer(dev, out["audio"]):
                 feat.features(max(0, feat.available_frames - 4 * F), feat.available_frames)
             with timer(dev, out["dit_main"]):
-                sess._dit_pass(x, main, audio)
+                sess.reference.dit_pass(x, main, audio)
             with timer(dev, out["dit_cache"]):
-                sess._dit_pass(x[:, :, :stream.block_frames], cp, audio[:, :4 * stream.block_frames])
+                sess.reference.dit_pass(x[:, :, :stream.block_frames], cp, audio[:, :4 * stream.block_frames])
             with timer(dev, out["decode"]):
-                video = pipe.decoder.decode_step(x[:, :, :stream.block_frames].to(pipe.vae_dtype), sess.decode_cache)
+                video = pipe.decoder.decode_step(x[:, :, :stream.block_frames].to(pipe.vae_dtype),
+                                                 sess.state.decode_cache)
             from runtime.media import frames_to_uint8
             u8 = frames_to_uint8(video)
             with timer(dev, out["copy"]):
@@ -204,17 +206,17 @@ def count_step_ops(pipe, image, stream, args) -> dict:
     replay itself dispatches nothing, so the count is what the host still launches per step."""
     sess = make_session(pipe, image, stream, argparse.Namespace(engine=args.engine, compile=False))
     feats = torch.randn(4 * stream.block_frames * (stream.window_blocks + 6), pipe.config.audio_input_dim)
-    counts, run_step = [], sess._run_step
+    counts, run_step = [], sess.executor.run
 
-    def counted(sp):
+    def counted(sp, rows):
         if sp.index < stream.window_blocks + 3:           # past ramp-up and the first engine (warm-up) steps
-            return run_step(sp)
+            return run_step(sp, rows)
         with OpCounter() as counter:
-            block = run_step(sp)
+            block = run_step(sp, rows)
         counts.append(counter.count)
         return block
 
-    sess._run_step = counted
+    sess.executor.run = counted
     with torch.inference_mode():
         sess.push_features(feats)
     return dict(ops_per_step=counts[-1], graphs=bool(sess.engine and sess.engine.use_graphs))
@@ -229,10 +231,10 @@ def naive_run(pipe, image, n_blocks: int) -> dict:
     out, ops = [], []
     with torch.inference_mode():
         with timer(pipe.device, out):
-            naive_official(pipe, sess.z_ref, sess.context_kv, feats, n_blocks, 0, sync_counters=True, decode=True)
+            naive_official(pipe, sess.state.z_ref, sess.state.context_kv, feats, n_blocks, 0, sync_counters=True, decode=True)
         for n in (n_blocks - 1, n_blocks):
             with OpCounter() as counter:
-                naive_official(pipe, sess.z_ref, sess.context_kv, feats[:16 * n], n, 0, sync_counters=True)
+                naive_official(pipe, sess.state.z_ref, sess.state.context_kv, feats[:16 * n], n, 0, sync_counters=True)
             ops.append(counter.count)
     return dict(ms_per_frame=out[0] / (16 * n_blocks), ops_per_step=ops[1] - ops[0], blocks=n_blocks)
 

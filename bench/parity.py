@@ -9,7 +9,7 @@ of the latents and of the decoded uint8 frames against the reference (the readab
 - triton:    the DiT's Triton kernels (on a CPU under TRITON_INTERPRET=1, set here before anything imports them);
 - engine:    the static-shape engine (CUDA graphs on a GPU, eager static buffers on a CPU);
 - ort:       the DiT and decoder exported to ONNX (fp32) and run by ONNX Runtime;
-- trt:       TensorRT engines built from those graphs, where TensorRT and a GPU exist.
+- trt:       TensorRT engines built from those graphs (fp32), run on a GPU, where TensorRT and a GPU exist.
 A backend that cannot run here is listed as skipped with the reason. A table, then one JSON line last. This is how
 a user checks an optimized deployment against the reference.
 """
@@ -79,20 +79,25 @@ def backend_kwargs(name: str, pipe, stream, workdir: str) -> dict:
     if name == "engine":
         return dict(engine=True)
     if name == "ort":
-        from export.backend import HAS_ORT
+        from export.backend import HAS_ORT, ort_backends
         if not HAS_ORT:
             raise RuntimeError("onnxruntime is not installed (pip install -e '.[export]')")
         from export.onnx import export_all
         export_all(pipe, stream, workdir, dtype=torch.float32)
-        return dict(backend="ort", onnx_dir=workdir)
+        return ort_backends(workdir)
     if name == "trt":
         from export.trt import HAS_TRT
         if not HAS_TRT:
             raise RuntimeError("TensorRT is not installed (it cannot be installed from PyPI without NVIDIA's index)")
         if not torch.cuda.is_available():
             raise RuntimeError("TensorRT needs a CUDA device")
-        raise RuntimeError("TensorRT engines are built by `python -m export.build_engine --trt`; running them in a "
-                           "session is not wired up in this version")
+        from export.backend import trt_backends
+        from export.onnx import export_all
+        from export.trt import build_engines
+        trt_dir = os.path.join(workdir, "trt")
+        export_all(pipe, stream, trt_dir, dtype=torch.float32)
+        build_engines(trt_dir)
+        return trt_backends(trt_dir)
     raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
 
 

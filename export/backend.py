@@ -4,15 +4,16 @@ A *runner* executes one exported graph: `runner.graph` (its `ExportedGraph`) and
 names to tensors -> output names to tensors. `OrtGraph` runs an ONNX file on ONNX Runtime; `export.trt.EngineRunner`
 runs a TensorRT plan. On top of any runners:
 
+    sess = pipe.session(image, **ort_backends(DIR))        # or trt_backends(DIR): TensorRT engines built there
     dit = ExportedDiT.from_onnx(DIR)            # dit_main / dit_cache / dit_masked
     flow = dit(x, y, t, audio, context_kv, cache=cache, frames=[...], anchor=a, ring=[...], kv_sink=sink)
     dec = ExportedDecoder.from_onnx(DIR)        # vae_first / vae_step
     cache = dec.init_decode_cache(1, dtype, device, H, W); video = dec.decode_step(z, cache)
 
-`ExportedDiT.__call__` takes what `StreamSession._dit_pass` has, with positions as plain ints relative to the
-call's origin (`PassPlan.relative`), and picks the graph: the steady graphs when the call has their exact shape
-(full window, every history slot attended), `dit_masked` for everything else. `ExportedDecoder` has the torch
-decoders' streaming interface (`init_decode_cache`, `decode_step`, a `DecodeCache`), one graph call per latent.
+`ExportedDiT` is a DiT backend (runtime/step.py): positions are plain ints relative to the call's origin
+(`PassPlan.relative`), and it picks the graph: the steady graphs when the call has their exact shape (full window,
+every history slot attended), `dit_masked` for everything else. `ExportedDecoder` has the decoders' streaming
+interface (runtime/decoder.py: `init_decode_cache`, `decode_step`, the pure step), one graph call per latent.
 
 `check_parity` compares a graph on ONNX Runtime (CPUExecutionProvider unless told otherwise) with the PyTorch
 module it came from, on the same random inputs: max abs error, max error relative to the output's largest
@@ -97,6 +98,18 @@ def ort_runners(directory: str | Path, names, providers=None) -> dict[str, OrtGr
     """ORT runners for those of `names` that DIR/config.json lists."""
     graphs = load_export(directory, _present(directory, names))
     return {n: OrtGraph(g.directory, providers) for n, g in graphs.items()}
+
+
+def ort_backends(directory: str | Path, providers=None) -> dict:
+    """The session backends on the exported ONNX graphs in DIR, run by ONNX Runtime:
+    `pipe.session(image, **ort_backends(DIR))`."""
+    return dict(dit=ExportedDiT.from_onnx(directory, providers), decoder=ExportedDecoder.from_onnx(directory))
+
+
+def trt_backends(directory: str | Path, device="cuda") -> dict:
+    """The session backends on TensorRT engines built in DIR (`export.trt.build_engines`):
+    `pipe.session(image, **trt_backends(DIR))`."""
+    return dict(dit=ExportedDiT.from_engines(directory, device), decoder=ExportedDecoder.from_engines(directory, device))
 
 
 def _present(directory: str | Path, names) -> list[str]:

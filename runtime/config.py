@@ -259,11 +259,6 @@ class StreamConfig:
         """Video frames of audio a frame waits for beyond its own: (L - 1) blocks."""
         return (self.window_blocks - 1) * self.block_frames * frames_per_latent
 
-    def plan(self, num_latent_frames: int):
-        """The whole window plan for a clip of `num_latent_frames` (reference frame included)."""
-        from .scheduler import build_plan
-        return build_plan(self, num_latent_frames)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -1,27 +1,32 @@
-"""GPU execution of a session's steady-state steps: static buffers, CUDA graphs, three streams, pinned copies.
+"""The static-shape engine: a stream's steady-state steps with fixed buffers, CUDA graphs, three streams, pinned copies.
 
-Same math as session.py (`StreamSession._run_step` + `_decode`), arranged so that a steady-state step has fixed
-shapes, reads and writes only preallocated tensors and never waits for the device:
+Same math as the reference step (step.py `ReferenceStep.run` + `decode`), arranged so that a steady-state step has
+fixed shapes, reads and writes only preallocated tensors and never waits for the device:
 
     window  [1, 16, L*B, h, w]   noisy latents of the L blocks; shifted by one block after each step
     eps     [draws, L*B, 16, h, w]  the step's re-noise draws (official randn_like(window) shapes), drawn in
-                                    the session's order from its generator straight into this buffer
+                                    the reference order from the stream's generator straight into this buffer
     audio   [1, 4*L*B, A]        the window's feature rows, written on the audio stream
     pos     anchor / ring frame positions (float64 device scalars, set with fill_: no host sync); cos/sin
             tables are computed from them on the device, so a stream at frame 10^6 needs no table and no copy
     ring_idx  token rows of the ring slots the cache pass writes this step
 
 One step = N main passes + re-noising + the cache pass (`_dit_step`), and one decode of the emitted block +
-uint8 conversion (`_decode_step`). On CUDA each is captured once as a CUDA graph after a warm-up and replayed; the
-DiT runs on the session's stream, the decode of block i on a second stream overlapping DiT step i + 1, audio
-features on a third; events order them, frames come back through pinned buffers with async copies. On a CPU the
-same step runs eagerly or under `torch.compile(fullgraph=True, dynamic=False)` (what the CPU tests check).
+uint8 conversion (`_decode_step`). On CUDA each runs eagerly for its first WARMUP calls (on a side stream: Triton
+compiles and autotunes, cuBLAS sizes its workspaces), is then captured as a CUDA graph (capture records, it runs
+nothing) and replayed from then on, the capture's own step included; the DiT runs on the stream that created the
+engine, the decode of block i on a second stream overlapping DiT step i + 1, audio features on a third; events
+order them, frames come back through pinned buffers with async copies. On a CPU the same step runs eagerly or
+under `torch.compile(fullgraph=True, dynamic=False)` (what the CPU tests check).
 
-Ramp-up and tail windows (other shapes) and the first latent's decode run on the reference path.
+The engine is an executor, like the reference step (`reset`, `audio`, `run`, `decode`): it works on the stream's
+StreamState and hands the windows it does not handle (ramp-up and tail shapes) and the first latent's decode to
+the reference step, moving the noisy blocks between its window buffer and `state.noisy` when it does.
 """
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
 from torch import Tensor
@@ -30,8 +35,9 @@ from .dit import Prefix
 from .media import frames_to_uint8
 from .rope import Rope, axis_pairs, axis_tables, inv_freqs
 from .scheduler import sigma_for, step_plan
-from .session import PINNED_SLOTS
+from .step import PINNED_SLOTS, Frames
 
+WARMUP = 2          # eager calls of a step before its CUDA graph is captured
 
 
 class _DeviceRope:
@@ -59,19 +65,22 @@ class _DeviceRope:
 
 
 class Engine:
-    def __init__(self, session, *, compile: bool = False, cuda_graphs: bool | None = None):
-        s = self.s = session
-        cfg, st = s.cfg, s.stream
+    audio_on_device = False      # set per instance: True on CUDA (rows stay where the audio stream made them)
+
+    def __init__(self, state, reference, dit, decoder, *, compile: bool = False, cuda_graphs: bool | None = None):
+        self.state, self.reference, self.dit, self.decoder = state, reference, dit, decoder
+        cfg, st = state.cfg, state.stream
         self.L, self.B, self.N = st.window_blocks, st.block_frames, st.passes
         self.F = self.L * self.B
         self.W = st.history_frames if st.use_temporal_anchor else 0
-        dev, dt = s.device, s.dtype
+        dev, dt = state.device, state.dtype
         h, w = cfg.latent_hw
         self.cuda = dev.type == "cuda"
         self.use_graphs = self.cuda if cuda_graphs is None else cuda_graphs
+        self.audio_on_device = self.cuda
         # the first steady window: full window, full history, a cache pass
         wi = self.L - 1 + math.ceil(self.W / self.B)
-        self.template = step_plan(st, wi, None, s.levels_t)
+        self.template = step_plan(st, wi, None, state.levels_t)
         main = self.template.passes[0]
         # -- static inputs --
         self.window = torch.zeros(1, cfg.vae_z_dim, self.F, h, w, dtype=dt, device=dev)
@@ -79,12 +88,13 @@ class Engine:
         self.draws = [(n, self.template.blocks.index(b), level) for n, r in enumerate(self.template.renoise)
                       for b, level in r]
         self.eps = torch.zeros(len(self.draws), self.F, cfg.vae_z_dim, h, w, dtype=dt, device=dev)
-        self.audio = torch.zeros(1, cfg.audio_frames_per_latent * self.F, cfg.audio_input_dim, dtype=dt, device=dev)
+        self.audio_rows = torch.zeros(1, cfg.audio_frames_per_latent * self.F, cfg.audio_input_dim, dtype=dt,
+                                      device=dev)
         self.t = [torch.tensor([pp.timesteps], dtype=torch.float32, device=dev) for pp in self.template.passes]
         self.sigma = [torch.tensor([sigma_for(x, st.shift) for x in pp.timesteps], dtype=torch.float64,
                                    device=dev).view(1, 1, -1, 1, 1) for pp in self.template.passes]
-        self.renoise_sigma = [torch.tensor(sigma_for(s.levels_t[level], st.shift), dtype=torch.float32, device=dev)
-                              for _, _, level in self.draws]
+        self.renoise_sigma = [torch.tensor(sigma_for(state.levels_t[level], st.shift), dtype=torch.float32,
+                                           device=dev) for _, _, level in self.draws]
         self.t_cache = torch.full((1, self.B), float(st.cache_pass_t), device=dev)
         # -- positions (relative to the main pass's anchor; constant except the official cache-pass anchor) --
         grid, hd = cfg.grid_hw, cfg.head_dim
@@ -101,20 +111,39 @@ class Engine:
         self.ring_idx = torch.zeros(self.n_write * s_f, dtype=torch.long, device=dev)
         self.slot_rows = torch.arange(max(self.W, 1) * s_f, device=dev).view(max(self.W, 1), s_f)
         self.out_block = torch.zeros(1, cfg.vae_z_dim, self.B, h, w, dtype=dt, device=dev)
-        self.y_window, self.y_block = s._y(self.F), s._y(self.B)
-        # -- decode --
+        self.y_window, self.y_block = state.y(self.F), state.y(self.B)
+        # -- decode: the emitted block in, uint8 frames out (static, so the decode graph reads and writes them) --
         self.z_static = torch.zeros_like(self.out_block)
-        self.frames_u8 = None
+        frames = cfg.audio_frames_per_latent * self.B
+        self.frames_u8 = torch.zeros(frames, cfg.height, cfg.width, 3, dtype=torch.uint8, device=dev)
         self._dit_fn = torch.compile(self._dit_step, fullgraph=True, dynamic=False) if compile else self._dit_step
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self._eager_calls: dict[str, int] = defaultdict(int)
         if self.cuda:
             self.dit_stream = torch.cuda.current_stream(dev)
             self.vae_stream = torch.cuda.Stream(dev)
             self.audio_stream = torch.cuda.Stream(dev)
-            self._pinned = []
+            self.side_stream = torch.cuda.Stream(dev)          # warm-up and capture
+            self.pinned = [torch.empty(self.frames_u8.shape, dtype=torch.uint8, pin_memory=True)
+                           for _ in range(PINNED_SLOTS)]
+        self.live = False            # whether `window` holds the stream's noisy blocks (else state.noisy does)
         self.steps = self.decoded = 0
 
-    # ------------------------------------------------------------------ eligibility
+    # ------------------------------------------------------------------ the executor interface
+    def reset(self) -> None:
+        """A new stream: the noisy blocks start in state.noisy again (buffers and graphs stay)."""
+        self.live = False
+
+    def audio(self, rows):
+        """The window's feature rows, computed on the audio stream on CUDA (the DiT stream waits for them)."""
+        if not self.cuda:
+            return rows()
+        with torch.cuda.stream(self.audio_stream):
+            out = rows()
+        self.dit_stream.wait_stream(self.audio_stream)
+        out.record_stream(self.dit_stream)         # allocated on the audio stream, read on the DiT stream
+        return out
+
     def handles(self, sp) -> bool:
         """Steady-state windows only: same shapes and relative positions as the template."""
         t, main = self.template, sp.passes[0]
@@ -122,40 +151,72 @@ class Engine:
                 and len(main.history) == len(t.passes[0].history)
                 and [main.relative(f) for f in main.frames] == list(self.rope_window.frames))
 
-    # ------------------------------------------------------------------ per-step host work (no syncs)
-    def prepare(self, sp) -> None:
-        """Stage the step's noise, positions and ring-write slots in the static buffers (session RNG order)."""
-        s, B = self.s, self.B
-        self.window[:, :, -B:].copy_(s._fresh_block(sp.fresh_block))        # drawn first, as the session does
-        for k in range(len(self.draws)):
-            torch.randn(self.eps[k].shape, generator=s.generator, out=self.eps[k])
-        main, cp = sp.passes[0], sp.cache_pass
-        if s.stream.use_style_anchor:
-            self.anchor_cache.set([main.relative(cp.anchor_position)])
-        if self.W:
-            self.ring_pos.set([main.relative(f) for f in s.cache.slot_frame])
-            s.cache.begin_history_write(cp.frames)
-            s_f = s.cfg.tokens_per_frame
-            for j, (slot, _) in enumerate(s.cache._pending):      # device-to-device: no host involvement
-                self.ring_idx[j * s_f:(j + 1) * s_f].copy_(self.slot_rows[slot])
-
-    def run(self, sp, audio: Tensor) -> Tensor:
-        """One steady step; returns the emitted block's x0 [1, 16, B, h, w] (a view of a static buffer)."""
-        self.prepare(sp)
-        self.audio.copy_(audio, non_blocking=True)
-        self._replay("dit", self._dit_fn)
-        if self.W:
-            self.s.cache.end_history_write()
+    def run(self, sp, rows: Tensor) -> Tensor | None:
+        """One step: steady windows here (returns the emitted block's x0 [1, 16, B, h, w], a view of a static
+        buffer), others on the reference step."""
+        st = self.state
+        if not self.handles(sp):
+            if self.live:                 # back to the reference path (the tail): hand the blocks back
+                self.store_window(st.noisy, [b for b in sp.blocks if b != sp.fresh_block])
+                self.live = False
+            return self.reference.run(sp, rows)
+        if not self.live:
+            self.load_window(st.noisy, sp.blocks)
+            st.noisy.clear()
+            self.live = True
+        with st.timed("engine_step"):
+            self.prepare(sp)
+            self.audio_rows.copy_(rows, non_blocking=True)
+            self._replay("dit", self._dit_fn, self.dit_stream if self.cuda else None)
+            if self.W:
+                st.cache.end_history_write()
+        st.counts["steps"] += 1
+        st.counts["main"] += self.N
+        st.counts["cache"] += 1
         self.steps += 1
         return self.out_block
 
+    def decode(self, latents: Tensor) -> Frames:
+        """Decode an emitted block: uint8 frames [4B, H, W, 3] (on CUDA through the decode graph on its own stream,
+        copied to a pinned buffer; `wait()` on the result). A stream's first latent goes to the reference step."""
+        if not self.cuda or not self.state.decode_cache.first_done:
+            return self.reference.decode(latents)
+        self.vae_stream.wait_stream(self.dit_stream)
+        with torch.cuda.stream(self.vae_stream):
+            self.z_static.copy_(latents)
+        self.dit_stream.wait_stream(self.vae_stream)       # the next DiT step may overwrite out_block afterwards
+        with torch.cuda.stream(self.vae_stream):
+            self._replay("vae", self._decode_step, self.vae_stream)
+            host = self.pinned[self.decoded % len(self.pinned)]   # the session waits before a slot comes round
+            self.decoded += 1
+            host.copy_(self.frames_u8, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.vae_stream)
+        return Frames(host, done)
+
+    # ------------------------------------------------------------------ per-step host work (no syncs)
+    def prepare(self, sp) -> None:
+        """Stage the step's noise, positions and ring-write slots in the static buffers (reference RNG order)."""
+        st, B = self.state, self.B
+        self.window[:, :, -B:].copy_(st.fresh_block(sp.fresh_block))        # drawn first, as the reference does
+        for k in range(len(self.draws)):
+            torch.randn(self.eps[k].shape, generator=st.generator, out=self.eps[k])
+        main, cp = sp.passes[0], sp.cache_pass
+        if st.stream.use_style_anchor:
+            self.anchor_cache.set([main.relative(cp.anchor_position)])
+        if self.W:
+            self.ring_pos.set([main.relative(f) for f in st.cache.slot_frame])
+            s_f = st.cfg.tokens_per_frame
+            for j, (slot, _) in enumerate(st.cache.begin_history_write(cp.frames)):   # device to device copies
+                self.ring_idx[j * s_f:(j + 1) * s_f].copy_(self.slot_rows[slot])
+
     # ------------------------------------------------------------------ the captured computations
     def _prefix(self, anchor: _DeviceRope):
-        s, use_anchor = self.s, self.s.stream.use_style_anchor
+        st, use_anchor = self.state, self.state.stream.use_style_anchor
         anchor_rope = anchor.rope() if use_anchor else None
         ring_rope = self.ring_pos.rope() if self.W else None
-        cache, cap = s.cache, s.cache.tokens_per_frame * self.W
-        rotate = _rotate(s.pipe.dit.use_kernels)
+        cache, cap = st.cache, st.cache.tokens_per_frame * self.W
+        rotate = _rotate(self.dit.use_kernels)
 
         def prefix(i):
             a = (rotate(cache.anchor_k[i], anchor_rope), cache.anchor_v[i]) if use_anchor else None
@@ -164,12 +225,12 @@ class Engine:
         return prefix
 
     def _dit_step(self) -> None:
-        s, B, dit = self.s, self.B, self.s.pipe.dit
+        st, B, dit = self.state, self.B, self.dit
         x = self.window
         k = 0
         prefix = self._prefix(self.anchor_main)
         for n in range(self.N):
-            flow = dit(x, self.y_window, self.t[n], self.audio, s.context_kv, self.rope_window, prefix=prefix)
+            flow = dit(x, self.y_window, self.t[n], self.audio_rows, st.context_kv, self.rope_window, prefix=prefix)
             x0 = (x.double() - self.sigma[n] * flow.double()).to(x.dtype)
             blocks = []
             for draw_pass, pos, _ in self.draws:
@@ -183,114 +244,58 @@ class Engine:
                 x = torch.cat(blocks, dim=2)
         self.out_block.copy_(x0[:, :, :B])
         self.window[:, :, :-B].copy_(torch.cat(blocks, dim=2))      # blocks 1 .. L-1 move one place left
-        rows = self.audio[:, :s.cfg.audio_frames_per_latent * B]
+        rows = self.audio_rows[:, :st.cfg.audio_frames_per_latent * B]
         sink = self._ring_sink if self.W else None
-        dit(self.out_block, self.y_block, self.t_cache, rows, s.context_kv, self.rope_block,
+        dit(self.out_block, self.y_block, self.t_cache, rows, st.context_kv, self.rope_block,
             prefix=self._prefix(self.anchor_cache), kv_sink=sink)
 
     def _ring_sink(self, layer: int, k: Tensor, v: Tensor) -> None:
-        src = (self.B - self.n_write) * self.s.cfg.tokens_per_frame          # the block's last W frames
-        self.s.cache.ring_k[layer].index_copy_(1, self.ring_idx, k[:, src:])
-        self.s.cache.ring_v[layer].index_copy_(1, self.ring_idx, v[:, src:])
-
-    def decode(self, block: Tensor) -> Tensor:
-        """Decode an emitted block; returns uint8 frames [4B, H, W, 3] on the CPU."""
-        s = self.s
-        if not self.cuda:
-            return s._decode(block)
-        self.vae_stream.wait_stream(self.dit_stream)
-        with torch.cuda.stream(self.vae_stream):
-            self.z_static.copy_(block)
-        self.dit_stream.wait_stream(self.vae_stream)       # the next DiT step may overwrite out_block afterwards
-        with torch.cuda.stream(self.vae_stream):
-            self._replay("vae", self._decode_step, stream=self.vae_stream)
-            host = self._pinned_slot()
-            host.copy_(self.frames_u8, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.vae_stream)
-        return _PendingFrames(host, done)
+        src = (self.B - self.n_write) * self.state.cfg.tokens_per_frame          # the block's last W frames
+        self.state.cache.ring_k[layer].index_copy_(1, self.ring_idx, k[:, src:])
+        self.state.cache.ring_v[layer].index_copy_(1, self.ring_idx, v[:, src:])
 
     def _decode_step(self) -> None:
-        s = self.s
-        frames = s.decode_cache.step(s.pipe.decoder, self.z_static.to(s.pipe.vae_dtype))
-        u8 = frames_to_uint8(frames)
-        if self.frames_u8 is None or self.frames_u8.shape != u8.shape:
-            self.frames_u8 = torch.empty_like(u8)
-        self.frames_u8.copy_(u8)
+        st = self.state
+        frames = st.decode_cache.step(self.decoder, self.z_static.to(st.vae_dtype))
+        self.frames_u8.copy_(frames_to_uint8(frames))
 
     # ------------------------------------------------------------------ CUDA graphs
-    def _replay(self, name: str, fn, stream=None) -> None:
+    def _replay(self, name: str, fn, stream) -> None:
+        """Run a step on `stream`: eagerly without graphs; on CUDA eagerly for WARMUP calls (on the side stream),
+        then captured once and replayed. Every call computes the step on the current inputs."""
         if not self.use_graphs:
             fn()
             return
         graph = self._graphs.get(name)
         if graph is None:
-            graph = self._capture(fn, stream)
-            self._graphs[name] = graph
-        graph.replay()
-
-    def _capture(self, fn, stream) -> "torch.cuda.CUDAGraph":
-        """Warm up (Triton JIT and autotune synchronise, so never inside a capture), then capture once.
-        The warm-up calls run the real step on the staged inputs; replaying the graph afterwards recomputes it
-        from the same inputs, so the captured step's result is the one that is used."""
-        stream = stream or self.dit_stream
-        side = torch.cuda.Stream(self.s.device)
-        side.wait_stream(stream)
-        snapshot = self._snapshot()
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._restore(snapshot)
+            side = self.side_stream
+            side.wait_stream(stream)
+            if self._eager_calls[name] < WARMUP:
+                self._eager_calls[name] += 1
+                with torch.cuda.stream(side):
+                    fn()
+                stream.wait_stream(side)
+                return
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):        # records the step; nothing runs yet
                 fn()
-        stream.wait_stream(side)
-        self._restore(snapshot)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            fn()
-        stream.wait_stream(side)
-        self._restore(snapshot)              # capture ran the step too: restore its inputs, then replay once
-        return graph
-
-    def _snapshot(self) -> list[tuple[Tensor, Tensor]]:
-        s = self.s
-        state = [self.window, s.cache.ring_k, s.cache.ring_v, *s.decode_cache.tensors]
-        return [(t, t.clone()) for t in state]
-
-    @staticmethod
-    def _restore(snapshot) -> None:
-        for t, saved in snapshot:
-            t.copy_(saved)
-
-    def _pinned_slot(self) -> Tensor:
-        """Pinned buffers used round robin; the session waits for a slot's frames before it comes round again."""
-        if len(self._pinned) < PINNED_SLOTS:
-            self._pinned.append(torch.empty(self.frames_u8.shape, dtype=torch.uint8, pin_memory=True))
-        slot = self._pinned[self.decoded % len(self._pinned)]
-        self.decoded += 1
-        return slot
+            stream.wait_stream(side)
+            self._graphs[name] = graph
+        with torch.cuda.stream(stream):
+            graph.replay()
 
     # ------------------------------------------------------------------ hand-over with the reference path
     def load_window(self, noisy: dict, blocks) -> None:
-        """Take the first L - 1 noisy blocks of the next window from the session (after reference steps)."""
+        """Take the first L - 1 noisy blocks of the next window (after reference steps)."""
         B = self.B
         for i, b in enumerate(blocks[:-1]):
             self.window[:, :, i * B:(i + 1) * B].copy_(noisy[b])
 
     def store_window(self, noisy: dict, blocks) -> None:
-        """Give the noisy blocks back to the session (before a reference step, e.g. the tail)."""
+        """Give the noisy blocks back (before a reference step, e.g. the tail)."""
         B = self.B
         for i, b in enumerate(blocks):
             noisy[b] = self.window[:, :, i * B:(i + 1) * B].clone()
-
-
-class _PendingFrames:
-    """uint8 frames on their way to pinned host memory; `wait()` returns a CPU tensor the caller owns."""
-
-    def __init__(self, host: Tensor, event):
-        self.host, self.event = host, event
-
-    def wait(self) -> Tensor:
-        self.event.synchronize()
-        return self.host.clone()
 
 
 def _rotate(use_kernels: bool):
@@ -299,4 +304,3 @@ def _rotate(use_kernels: bool):
         return lambda k, rope: rope_rotate(k, rope.axes)
     from .rope import apply_rope
     return lambda k, rope: apply_rope(k, *rope.full)
-

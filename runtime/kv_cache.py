@@ -61,8 +61,9 @@ class DualAnchorCache:
         self.anchor_k[layer].copy_(k)
         self.anchor_v[layer].copy_(v)
 
-    def begin_history_write(self, frames) -> None:
-        """Reserve ring slots for the last W of `frames` (a block about to go through the cache pass)."""
+    def begin_history_write(self, frames) -> list[tuple[int, int]]:
+        """Reserve ring slots for the last W of `frames` (a block about to go through the cache pass); returns the
+        (slot, offset of the frame in the block) pairs that `write_history` will copy."""
         keep = list(frames)[-self.capacity:] if self.capacity else []
         offset = len(frames) - len(keep)
         self._pending = []
@@ -70,6 +71,7 @@ class DualAnchorCache:
             self._pending.append((self._next_slot, offset + i))
             self._next_slot = (self._next_slot + 1) % self.capacity
         self._pending_frames = keep
+        return list(self._pending)
 
     def write_history(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Sink for the cache pass: copy the reserved frames of k, v [B, F * S_f, N_h, D] into the ring."""

@@ -220,13 +220,13 @@ class AvatarPipeline:
     # ------------------------------------------------------------------ entry points
     def session(self, image, stream: StreamConfig | str | None = None, text="", seed: int = 0,
                 fit: str = "error", engine: bool | None = None, compile: bool = False,
-                inference: bool = True, backend: str = "torch", onnx_dir=None) -> StreamSession:
+                inference: bool = True, dit=None, decoder=None) -> StreamSession:
         """A streaming session for one reference image (see session.py). `engine`: run steady-state steps
         through the static-shape engine (default: on CUDA); `compile`: torch.compile the engine's step;
-        `backend="ort"`: run the DiT and decoder on the ONNX graphs in `onnx_dir` (export.build_engine)."""
+        `dit` / `decoder`: other backends for the DiT calls and the decoder (step.py says what they are), e.g.
+        the exported graphs: `pipe.session(image, **export.backend.ort_backends(DIR))`."""
         return StreamSession(self, image, stream=self._stream(stream), text=text, seed=seed, fit=fit,
-                             engine=engine, compile=compile, inference=inference, backend=backend,
-                             onnx_dir=onnx_dir)
+                             engine=engine, compile=compile, inference=inference, dit=dit, decoder=decoder)
 
     def generate(self, image, audio, stream: StreamConfig | str | None = None, audio_mode: str = "clip",
                  seed: int = 0, text="", fit: str = "error", num_latent_frames: int | None = None,

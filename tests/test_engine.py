@@ -59,6 +59,25 @@ def test_engine_step_compiles_whole_without_recompiles(pipe, image):
     assert max((got[b] - ref[b]).abs().max().item() for b in ref) <= 1e-5
 
 
+def test_engine_step_with_kernels_compiles_whole(image):
+    """The Triton kernels are custom ops with fake implementations, so the steady step with them inside still
+    compiles to one graph with no break (CPU interpreter here). Tolerance against the reference path without
+    kernels: 1e-4 max abs on the latents (the kernels reorder fp32 sums; test_kernels.py bounds each op)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+    pipe = AvatarPipeline.from_preset("tiny", device="cpu")
+    feats = torch.randn(4 * 12, pipe.config.audio_input_dim, generator=torch.Generator().manual_seed(5))
+    ref, _, _ = stream_latents(pipe, image, "low-delay", False, feats)
+    pipe.dit.use_kernels = True
+    dynamo.reset()
+    counters.clear()
+    with dynamo.config.patch(error_on_recompile=True):
+        got, _, sess = stream_latents(pipe, image, "low-delay", True, feats, compile=True)
+    assert sess.engine.steps >= 6
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert max((got[b] - ref[b]).abs().max().item() for b in ref) <= 1e-4
+
+
 def test_engine_dispatches_fewer_operators_than_the_naive_loop(pipe, image):
     import argparse
 
@@ -104,7 +123,7 @@ def test_gpu_engine_graphs_equal_session(gpu_pipe, image):
 def test_gpu_graph_replay_equals_eager_engine(gpu_pipe, image):
     feats = torch.randn(160, gpu_pipe.config.audio_input_dim, generator=torch.Generator().manual_seed(3))
     eager_sess = gpu_pipe.session(image, stream="low-delay", engine=True)
-    eager_sess._engine().use_graphs = False
+    eager_sess.engine.use_graphs = False
     eager = {}
     eager_sess.on_block = lambda b, x: eager.__setitem__(b, x.clone())
     graph = {}
@@ -124,15 +143,80 @@ def test_gpu_steady_step_has_no_host_sync(gpu_pipe, image):
     with torch.inference_mode():
         sess.push_features(feats[:120])                  # ramp-up, capture and a few replays
         from runtime.scheduler import step_plan
-        sp = step_plan(sess.stream, sess.next_window, None, sess.levels_t)
+        sp = step_plan(sess.stream, sess.next_window, None, sess.state.levels_t)
         assert sess.engine.handles(sp)
-        audio = sess._audio(*sp.passes[0].audio_rows)
+        audio = sess.rows(*sp.passes[0].audio_rows)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             sess.engine.run(sp, audio)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_gpu_decode_has_no_host_sync(gpu_pipe, image):
+    feats = torch.randn(120, gpu_pipe.config.audio_input_dim, generator=torch.Generator().manual_seed(6))
+    sess = gpu_pipe.session(image, stream="low-delay", engine=True)
+    with torch.inference_mode():
+        sess.push_features(feats)                        # the decode graph is captured by now
+        block = torch.randn_like(sess.engine.out_block)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pending = sess.engine.decode(block)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert pending.wait().shape == (4, gpu_pipe.config.height, gpu_pipe.config.width, 3)
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_replay_after_reset(gpu_pipe, image):
+    """reset() keeps every buffer, so the captured step and decode graphs stay valid: a second stream through the
+    same session gives the first stream's frames again, bit for bit."""
+    feats = torch.randn(100, gpu_pipe.config.audio_input_dim, generator=torch.Generator().manual_seed(7))
+    sess = gpu_pipe.session(image, stream="low-delay", engine=True)
+    with torch.inference_mode():
+        first = torch.cat([sess.push_features(feats), sess.flush()])
+        assert set(sess.engine._graphs) == {"dit", "vae"}
+        sess.reset()
+        second = torch.cat([sess.push_features(feats), sess.flush()])
+    assert torch.equal(first, second)
+
+
+@pytest.mark.gpu
+def test_gpu_toy_talker_through_the_captured_decode_graph(image):
+    """The toy-talker's FrameAE decoder (temporal context built on the device) captured as a CUDA graph: frames
+    equal the reference session's within one uint8 level (fp32 on both; the engine reads the ring in slot order)."""
+    from runtime.config import TOY_ASSETS
+    pipe = AvatarPipeline.from_preset("toy-talker", device="cuda")
+    face = TOY_ASSETS / "ref_0.png"
+    feats = torch.randn(80, pipe.config.audio_input_dim, generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        ref_sess, sess = pipe.session(face, engine=False), pipe.session(face, engine=True)
+        ref = torch.cat([ref_sess.push_features(feats), ref_sess.flush()])
+        got = torch.cat([sess.push_features(feats), sess.flush()])
+    assert sess.engine.use_graphs and "vae" in sess.engine._graphs
+    assert got.shape == ref.shape and (got.int() - ref.int()).abs().max() <= 1
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_tune_only_while_warming_up(image):
+    """Ramp-up, steady and tail windows with the Triton kernels on: every autotuning run happens before the stream
+    is steady (the anchor pass and the ramp-up cover both size classes), none in the steady steps or the tail."""
+    from runtime.kernels.ring_attention import autotune_runs
+    pipe = AvatarPipeline.from_preset("wan-1.3b", device="cuda", dtype=torch.bfloat16, num_layers=2)
+    assert pipe.dit.use_kernels
+    cfg = pipe.config
+    face = (np.random.default_rng(1).random((cfg.height, cfg.width, 3)) * 255).astype(np.uint8)
+    feats = torch.randn(4 * 10, cfg.audio_input_dim, generator=torch.Generator().manual_seed(9))
+    sess = pipe.session(face, stream="low-delay", engine=True)
+    with torch.inference_mode():
+        sess.push_features(feats[:4 * 7])                 # ramp-up (4 windows), warm-up and capture
+        tuned = autotune_runs()
+        sess.push_features(feats[4 * 7:])
+        sess.flush()                                      # the tail: 3 shorter windows
+    assert tuned >= 1 and autotune_runs() == tuned
 
 
 def test_step_flops_equal_torch_flop_counter_at_full_size():

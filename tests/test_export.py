@@ -4,7 +4,6 @@ ORT DiT against the runtime's own DiT call, a whole stream through the ORT DiT +
 session, the wan-1.3b graph shapes on the meta device, external data and the exporter fallback."""
 import collections
 import contextlib
-import copy
 import io
 import json
 
@@ -24,7 +23,6 @@ from export.onnx import (ALL_GRAPHS, DECODER_GRAPHS, DIT_GRAPHS, ExportedGraph, 
 from runtime import AvatarPipeline, ModelConfig, StreamConfig  # noqa: E402
 from runtime.kv_cache import DualAnchorCache  # noqa: E402
 from runtime.rope import Rope  # noqa: E402
-from runtime.scheduler import sigma_for  # noqa: E402
 from runtime.session import StreamSession  # noqa: E402
 
 ONNX_DOUBLE = 11          # onnx.TensorProto.DOUBLE: TensorRT has no float64
@@ -196,30 +194,6 @@ def test_ort_dit_rejects_calls_no_graph_serves(pipe, exported):
 
 
 # ---------------------------------------------------------------------------------------------- whole stream
-def _ort_session_hooks(dit):
-    """The few session lines of `_dit_pass` / `_anchor_pass`, with the DiT call going through ExportedDiT."""
-    def dit_pass(self, x, pp, audio, sink=None):
-        t = torch.tensor([pp.timesteps], dtype=torch.float32)
-        flow = dit(x, self._y(len(pp.frames)), t, audio, self.context_kv, cache=self.cache,
-                   frames=[pp.relative(f) for f in pp.frames],
-                   anchor=pp.relative(pp.anchor_position) if self.stream.use_style_anchor else None,
-                   ring=[pp.relative(f) if f in pp.history else None for f in self.cache.slot_frame],
-                   kv_sink=sink)
-        if flow is None:                                   # a cache pass: only its K/V matter
-            return None
-        sigma = torch.tensor([sigma_for(s, self.stream.shift) for s in pp.timesteps],
-                             dtype=torch.float64).view(1, 1, -1, 1, 1)
-        return (x.double() - sigma * flow.double()).to(self.dtype)
-
-    def anchor_pass(self, audio_rows):
-        y = torch.cat([self.z_ref, torch.zeros_like(self.z_ref[:, :1])], dim=1)
-        audio = audio_rows.to(self.dtype).reshape(1, -1, self.cfg.audio_input_dim)
-        dit(self.z_ref, y, torch.zeros(1, 1), audio, self.context_kv, cache=self.cache, frames=[0], anchor=None,
-            ring=[None] * self.cache.capacity, kv_sink=self.cache.write_anchor)
-        self._anchor_done = True
-    return dit_pass, anchor_pass
-
-
 class _Counted:
     """A runner that counts its calls by graph name."""
 
@@ -231,8 +205,8 @@ class _Counted:
         return self.runner.run(feeds)
 
 
-def _stream(pipe, image, feats):
-    sess = StreamSession(pipe, image, stream=StreamConfig.preset("official"), seed=3, engine=False)
+def _stream(pipe, image, feats, **backends):
+    sess = StreamSession(pipe, image, stream=StreamConfig.preset("official"), seed=3, engine=False, **backends)
     latents = {}
     sess.on_block = lambda b, x0: latents.__setitem__(b, x0.clone())
     with torch.inference_mode():
@@ -240,19 +214,14 @@ def _stream(pipe, image, feats):
     return latents, frames
 
 
-def test_ort_stream_equals_pytorch_session(pipe, image, exported, monkeypatch):
+def test_ort_stream_equals_pytorch_session(pipe, image, exported):
     # 6 blocks of 16 rows: ramp-up (dit_masked), two steady windows (dit_main, dit_cache), the tail (dit_masked)
     feats = torch.randn(96, pipe.config.audio_input_dim, generator=torch.Generator().manual_seed(1))
     ref_latents, ref_frames = _stream(pipe, image, feats)
 
     used = collections.Counter()
     dit = ExportedDiT({n: _Counted(r, used) for n, r in ort_runners(exported[0], DIT_GRAPHS).items()})
-    dit_pass, anchor_pass = _ort_session_hooks(dit)
-    monkeypatch.setattr(StreamSession, "_dit_pass", dit_pass)
-    monkeypatch.setattr(StreamSession, "_anchor_pass", anchor_pass)
-    ort_pipe = copy.copy(pipe)
-    ort_pipe.decoder = ExportedDecoder.from_onnx(exported[0])
-    latents, frames = _stream(ort_pipe, image, feats)
+    latents, frames = _stream(pipe, image, feats, dit=dit, decoder=ExportedDecoder.from_onnx(exported[0]))
 
     assert sorted(latents) == sorted(ref_latents) == list(range(6))
     assert max((latents[b] - ref_latents[b]).abs().max().item() for b in ref_latents) <= FP32_MAX_ABS

@@ -16,12 +16,15 @@ def test_parity_report_for_engine_and_ort(capsys):
     assert "skipped" in r["trt"] and "TensorRT" in r["trt"]["skipped"]
 
 
-def test_ort_backend_needs_a_directory():
+def test_other_backends_run_on_the_reference_path():
+    """Backends other than the PyTorch modules cannot go through the static-shape engine: asking for it says so."""
     import numpy as np
 
     from runtime import AvatarPipeline
     pipe = AvatarPipeline.from_preset("tiny")
-    with pytest.raises(ValueError, match="onnx_dir"):
-        pipe.session(np.zeros((32, 48, 3), np.uint8), backend="ort")
-    with pytest.raises(ValueError, match="backend="):
-        pipe.session(np.zeros((32, 48, 3), np.uint8), backend="tensorflow")
+    image = np.zeros((32, 48, 3), np.uint8)
+    with pytest.raises(ValueError, match="engine=True runs the PyTorch DiT and decoder"):
+        pipe.session(image, engine=True, dit=lambda *a, **k: None)
+    assert pipe.session(image, dit=lambda *a, **k: None).executor.__class__.__name__ == "ReferenceStep"
+    sess = pipe.session(image, engine=True)
+    assert sess.executor is sess.engine is not None

@@ -96,7 +96,7 @@ def test_stats_report_the_stream():
     assert stats["frames_out"] == len(frames) == 1 + 24 - 12               # 12 frames of look-ahead (L - 1 = 3 blocks)
     assert stats["audio_frames_in"] == 25 and stats["lookahead_frames"] == 12
     assert stats["steps"] == 6 and stats["main_passes"] == 6 and stats["cache_passes"] == 3
-    assert stats["kv_bytes"] == sess.cache.nbytes > 0
+    assert stats["kv_bytes"] == sess.state.cache.nbytes > 0
     assert {"setup", "dit_main", "dit_cache", "decode", "audio"} <= set(stats["ms"])
 
 

@@ -38,7 +38,7 @@ def speechlike(seconds, seed=0):
 # ---------------------------------------------------------------------------------------------- naive loop
 def naive(pipe, sess, feats, n_blocks, seed, noise_upfront=False):
     """bench.naive's deliberately naive official loop (absolute positions, concatenated caches)."""
-    return naive_official(pipe, sess.z_ref, sess.context_kv, feats, n_blocks, seed, noise_upfront=noise_upfront)
+    return naive_official(pipe, sess.state.z_ref, sess.state.context_kv, feats, n_blocks, seed, noise_upfront=noise_upfront)
 
 
 def test_session_equals_naive_official_loop(pipe, image):
@@ -67,7 +67,7 @@ def test_generate_clip_is_the_official_computation(pipe, image):
     sess = pipe.session(image, stream="official", seed=11)
     with torch.inference_mode():
         ref = naive(pipe, sess, feats, 4, seed=11, noise_upfront=True)
-        latents = torch.cat([sess.z_ref] + [ref[b] for b in range(4)], dim=2)
+        latents = torch.cat([sess.state.z_ref] + [ref[b] for b in range(4)], dim=2)
         ref_video = frames_to_uint8(pipe.vae.decode(latents))
     diff = (video.int() - ref_video.int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3   # uint8 truncation of equal-within-1e-6 floats
@@ -94,19 +94,20 @@ def test_relative_step_is_translation_invariant_bitwise(pipe, image):
     sess = pipe.session(image, stream=stream, seed=0)
     levels = warped_timesteps(stream)
     g = torch.Generator().manual_seed(1)
-    ring_k, ring_v = torch.randn(sess.cache.ring_k.shape, generator=g), torch.randn(sess.cache.ring_v.shape, generator=g)
+    cache = sess.state.cache
+    ring_k, ring_v = torch.randn(cache.ring_k.shape, generator=g), torch.randn(cache.ring_v.shape, generator=g)
     x = torch.randn(1, 16, 16, *cfg.latent_hw, generator=g)
     audio = torch.randn(1, 64, cfg.audio_input_dim, generator=g)
     outs = []
     for wi in (2, 250_000):                                  # window starts at latent frames 9 and 1,000,001
         sp = step_plan(stream, wi + 3, None, levels)
-        sess.cache.slot_frame = list(sp.passes[0].history)
+        cache.slot_frame = list(sp.passes[0].history)
         with torch.inference_mode():                     # session buffers are inference tensors
-            sess.cache.ring_k.copy_(ring_k)
-            sess.cache.ring_v.copy_(ring_v)
-            main = sess._dit_pass(x, sp.passes[0], audio)
-            cache = sess._dit_pass(x[:, :, :4], sp.cache_pass, audio[:, :16])
-        outs.append((main, cache))
+            cache.ring_k.copy_(ring_k)
+            cache.ring_v.copy_(ring_v)
+            main = sess.reference.dit_pass(x, sp.passes[0], audio)
+            block = sess.reference.dit_pass(x[:, :, :4], sp.cache_pass, audio[:, :16])
+        outs.append((main, block))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
@@ -199,7 +200,8 @@ def test_memory_and_cache_shapes_constant_over_2000_steps(image):
     sess = pipe.session(image, stream=stream, seed=0)
     width = pipe.config.audio_input_dim
     feats = torch.randn(4 * 50, width, generator=torch.Generator().manual_seed(0))
-    shapes = [t.shape for t in (sess.cache.anchor_k, sess.cache.ring_k, sess.cache.ring_v)]
+    cache = sess.state.cache
+    shapes = [t.shape for t in (cache.anchor_k, cache.ring_k, cache.ring_v)]
     marks = {}
     with torch.inference_mode():
         for step in range(2000 // 50):
@@ -207,6 +209,6 @@ def test_memory_and_cache_shapes_constant_over_2000_steps(image):
             del frames
             if step in (4, 39):
                 marks[step] = (tensor_bytes(), sess.next_window)
-    assert sess.counts["steps"] >= 1990
-    assert [t.shape for t in (sess.cache.anchor_k, sess.cache.ring_k, sess.cache.ring_v)] == shapes
+    assert sess.state.counts["steps"] >= 1990
+    assert [t.shape for t in (cache.anchor_k, cache.ring_k, cache.ring_v)] == shapes
     assert marks[39][0] == marks[4][0], marks

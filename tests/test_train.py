@@ -33,15 +33,15 @@ def test_one_pass_equals_the_streaming_session(toy):
     with torch.inference_mode():
         sess.push_features(feats[:20])                            # windows 0..4: frames 1 and 2 are history
         sess.source.push(feats[20:24])                            # window 5's audio, without running it
-        sp = step_plan(stream, 5, None, sess.levels_t)
+        sp = step_plan(stream, 5, None, sess.state.levels_t)
         assert sess.next_window == 5 and sp.passes[0].history == (1, 2) and sp.passes[0].frames == (3, 4, 5, 6)
-        x = torch.cat([sess.noisy[b] for b in sp.blocks[:-1]] + [sess._fresh_block(sp.fresh_block)], dim=2)
-        audio = sess._audio(*sp.passes[0].audio_rows)
-        session_x0 = sess._dit_pass(x, sp.passes[0], audio)
+        x = torch.cat([sess.state.noisy[b] for b in sp.blocks[:-1]] + [sess.state.fresh_block(sp.fresh_block)], dim=2)
+        audio = sess.rows(*sp.passes[0].audio_rows)
+        session_x0 = sess.reference.dit_pass(x, sp.passes[0], audio)
         rows = feats.unsqueeze(0)
         history = torch.cat([emitted[0], emitted[1]], 2)
         sig = torch.tensor(stream_sigmas(stream))[[3, 2, 1, 0]]     # oldest at the lowest level
-        ours = one_pass(pipe.dit, text, sess.z_ref, history, x, sig,
+        ours = one_pass(pipe.dit, text, sess.state.z_ref, history, x, sig,
                         {"history": rows[:, 0:8], "window": rows[:, 8:24]})
     err = (ours - session_x0).abs().max().item()
     assert err <= 1e-5, err

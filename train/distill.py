@@ -111,14 +111,15 @@ def rollout_window(pipe, image, feats: Tensor, stream: StreamConfig, windows: in
     need = per_window * (windows + 1)
     sess.push_features(feats[:need - per_window])                  # runs `windows` steps
     sess.source.push(feats[need - per_window:need].float())        # the graded window's rows, without a step
-    sp = step_plan(stream, sess.next_window, None, sess.levels_t)
+    state = sess.state
+    sp = step_plan(stream, sess.next_window, None, state.levels_t)
     if sp.fresh_block is not None:
-        sess.noisy[sp.fresh_block] = sess._fresh_block(sp.fresh_block)
-    x = torch.cat([sess.noisy[b] for b in sp.blocks], dim=2)
-    audio = sess._audio(*sp.passes[0].audio_rows)
+        state.noisy[sp.fresh_block] = state.fresh_block(sp.fresh_block)
+    x = torch.cat([state.noisy[b] for b in sp.blocks], dim=2)
+    audio = sess.rows(*sp.passes[0].audio_rows)
     with torch.enable_grad():
-        x0 = sess._dit_pass(x, sp.passes[0], audio).float()
-    return x0, sess.z_ref.detach(), audio.detach()
+        x0 = sess.reference.dit_pass(x, sp.passes[0], audio).float()
+    return x0, state.z_ref.detach(), audio.detach()
 
 
 def dmd_losses(student_x0: Tensor, ref: Tensor, audio: Tensor, teacher, critic, text, critic_text,
