@@ -65,11 +65,13 @@ test-latest:
 
 comma := ,
 
-# on a CUDA machine: every gpu test + GPU benchmarks -> bench/results/<date>-<gpu>.{json,md}.
-# Uses the machine's own python3 and CUDA torch (GPU images ship them; no venv, no downloads).
+# on a CUDA machine: the GPU tests, then the GPU benchmarks, each stage capped, 8 minutes in all on one H100 ->
+# bench/results/<date>-<gpu>.{json,md}, rewritten after each stage. Uses the machine's own python3 and CUDA torch
+# (GPU images ship them; no venv, no downloads, no PyAV or soxr needed). GPU_CHECK_ARGS="--results DIR" writes
+# elsewhere (e.g. a folder that is copied back); `python -m bench.gpu_check --dry-run` runs the stand-ins on a CPU.
 GPU_PYTHON ?= python3
 gpu-check:
-	$(GPU_PYTHON) -m bench.gpu_check
+	$(GPU_PYTHON) -m bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo.mp4
