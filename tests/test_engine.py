@@ -45,16 +45,23 @@ def test_engine_equals_session(pipe, image, stream, tol):
         assert torch.equal(frames, ref_frames)
 
 
-def test_engine_step_compiles_whole_without_recompiles(pipe, image):
+def compiled_stream(pipe, image, feats):
+    """A low-delay stream through the engine with its step under torch.compile; asserts it compiled to one graph
+    with no graph break and no recompile. Returns (latents, session)."""
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
-    feats = torch.randn(4 * 56, pipe.config.audio_input_dim, generator=torch.Generator().manual_seed(2))
     dynamo.reset()
     counters.clear()
     with dynamo.config.patch(error_on_recompile=True):
-        got, _, sess = stream_latents(pipe, image, "low-delay", True, feats, compile=True)
-    assert sess.engine.steps >= 50
+        latents, _, sess = stream_latents(pipe, image, "low-delay", True, feats, compile=True)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    return latents, sess
+
+
+def test_engine_step_compiles_whole_without_recompiles(pipe, image):
+    feats = torch.randn(4 * 56, pipe.config.audio_input_dim, generator=torch.Generator().manual_seed(2))
+    got, sess = compiled_stream(pipe, image, feats)
+    assert sess.engine.steps >= 50
     ref, _, _ = stream_latents(pipe, image, "low-delay", True, feats)
     assert max((got[b] - ref[b]).abs().max().item() for b in ref) <= 1e-5
 
@@ -63,18 +70,12 @@ def test_engine_step_with_kernels_compiles_whole(image):
     """The Triton kernels are custom ops with fake implementations, so the steady step with them inside still
     compiles to one graph with no break (CPU interpreter here). Tolerance against the reference path without
     kernels: 1e-4 max abs on the latents (the kernels reorder fp32 sums; test_kernels.py bounds each op)."""
-    import torch._dynamo as dynamo
-    from torch._dynamo.utils import counters
     pipe = AvatarPipeline.from_preset("tiny", device="cpu")
     feats = torch.randn(4 * 12, pipe.config.audio_input_dim, generator=torch.Generator().manual_seed(5))
     ref, _, _ = stream_latents(pipe, image, "low-delay", False, feats)
     pipe.dit.use_kernels = True
-    dynamo.reset()
-    counters.clear()
-    with dynamo.config.patch(error_on_recompile=True):
-        got, _, sess = stream_latents(pipe, image, "low-delay", True, feats, compile=True)
+    got, sess = compiled_stream(pipe, image, feats)
     assert sess.engine.steps >= 6
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     assert max((got[b] - ref[b]).abs().max().item() for b in ref) <= 1e-4
 
 
