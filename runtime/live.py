@@ -1,0 +1,414 @@
+"""The live core: one session driven by a 25 fps clock, for any transport (WebRTC, LiveKit, Pipecat, ...).
+
+    live = LiveStream(pipe.session(face))        # warms up, then starts its clock
+    live.feed(pcm, sample_rate=48000)            # audio as it arrives: any rate, mono or [channels, n]
+    async for f in live.frames():                # one LiveFrame every 40 ms, on time
+        send(f.video, f.audio)                   # uint8 [H, W, 3] and the 40 ms of 16 kHz audio that drove it
+    live.interrupt()                             # drop the queued speech, back to idle within about one block
+    live.close()
+
+Time is cut into slots of 40 ms. Slot s's audio is taken from the input at its tick, t_s = T0 + 40 ms * s: 640
+samples of what has arrived, or silence when the input has run dry, so the avatar idles instead of stalling (a
+speech onset waits until 1.5 frames are queued, so that arrival jitter does not cut it into pieces). A producer
+thread pushes each tick's audio into the session; the frame that audio drives becomes slot s's frame and leaves
+together with it at the play time P_s = t_s + D, so audio and lips are paired by construction. D is constant for
+the stream: the structural wait of the frame that waits longest, (look-ahead + 4B - 1) frames, plus a margin for the
+step's compute (measured during warm-up unless given), so the speech-to-lips delay never grows.
+
+When compute falls behind (documented drop policy, every case counted in `stats()`):
+- a frame that is not ready at its play time is replaced by a filler (the last frame again, with silence): `fillers`;
+  the real frame, when it comes later, is dropped: `late`;
+- if the producer falls more than max(1 s, D) behind the clock (it cannot keep up; a single slow step only costs a
+  few fillers), it restarts the stream (`session.reset()`: same reference, new history) from the current tick on:
+  the audio of the ticks it skipped is dropped (`dropped_audio_frames`, `restarts`), and the slots before the new
+  stream's first frame get fillers showing its first output, the reference reconstruction (a neutral face). The
+  clock, D and the pairing stay. A machine too slow for real time so restarts about once a second of lag.
+`interrupt()` does the same restart, dropping all queued input audio and every frame made from it that has not been
+played: the audio stops at once, the face turns neutral at once, and idle motion follows one play delay later.
+
+The session's frame 0 (the reference reconstruction, before any audio) is not sent. Only the producer thread
+touches the session. Not here: network transports (runtime/serve/, runtime/integrations/).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .media import validate_pcm
+
+SAMPLE_RATE = 16000
+FRAME_SAMPLES = 640                 # 40 ms at 16 kHz: one video frame's audio
+FPS = 25
+FRAME_S = 1.0 / FPS
+ONSET_SAMPLES = 640                 # speech starts once a whole frame is queued
+WARMUP_STEPS = 10                   # steps of silence run before the clock starts (JIT, compile, step timing)
+TIMED_STEPS = 4                     # the last warm-up steps, whose slowest sets the compute margin
+MIN_MARGIN_S = 0.06
+MAX_LAG_S = 1.0                     # a producer this far behind the clock (or D, if longer) restarts the stream
+
+
+@dataclass
+class LiveFrame:
+    slot: int                       # 0, 1, 2, ... every 40 ms from the start of the stream
+    video: np.ndarray               # uint8 [H, W, 3]
+    audio: np.ndarray               # float32 [640] at 16 kHz: the 40 ms that drove this frame (silence if idle)
+    speech: bool                    # the audio came from the input (not silence padding)
+    play_time: float                # clock seconds when it is due
+    filler: bool = False            # not ready in time: the previous frame again, with silence
+    segment_end: bool = False       # the last frame of a speech segment closed by `end_segment()`
+    arrival: float | None = None    # clock seconds when its first input sample arrived (speech frames only)
+
+
+@dataclass
+class LiveStats:
+    frames: int = 0                 # frames handed to the transport (fillers included)
+    fillers: int = 0                # slots whose frame was not ready at its play time
+    late: int = 0                   # frames computed after their play time (dropped)
+    dropped_audio_frames: int = 0   # 40 ms input frames dropped by restarts and interrupts
+    restarts: int = 0               # stream restarts (falling behind) and interrupts
+    interrupts: int = 0
+    underruns: int = 0              # ticks during speech that found less than 40 ms queued (padded)
+    step_ms: list = field(default_factory=list)     # compute time of recent ticks that ran a window step
+
+
+class _Input:
+    """Input audio at 16 kHz mono float32 with its arrival times, and the positions where speech segments end."""
+
+    def __init__(self):
+        self.chunks: collections.deque[np.ndarray] = collections.deque()
+        self.arrivals: collections.deque[float] = collections.deque()     # per chunk
+        self.queued = 0
+        self.ends: collections.deque[int] = collections.deque()    # sample counts (from the queue start) of ends
+        self.speaking = False
+
+    def push(self, pcm: np.ndarray, arrival: float) -> None:
+        if len(pcm):
+            self.chunks.append(pcm)
+            self.arrivals.append(arrival)
+            self.queued += len(pcm)
+
+    def mark_end(self) -> None:
+        self.ends.append(self.queued)
+
+    def take(self) -> tuple[np.ndarray, bool, bool, bool, float | None]:
+        """One tick's 640 samples -> (audio, speech, underrun, segment_end, arrival of its first sample)."""
+        if not self.speaking and self.queued < ONSET_SAMPLES and not self.ends:
+            return np.zeros(FRAME_SAMPLES, np.float32), False, False, False, None
+        n = min(FRAME_SAMPLES, self.queued)
+        if self.ends and self.ends[0] <= FRAME_SAMPLES:          # a segment ends inside this frame
+            n = min(n, self.ends[0])
+        out = np.zeros(FRAME_SAMPLES, np.float32)
+        arrival = self.arrivals[0] if n else None
+        got = 0
+        while got < n:
+            chunk = self.chunks[0]
+            k = min(n - got, len(chunk))
+            out[got:got + k] = chunk[:k]
+            got += k
+            if k == len(chunk):
+                self.chunks.popleft()
+                self.arrivals.popleft()
+            else:
+                self.chunks[0] = chunk[k:]
+        self.queued -= n
+        self.ends = collections.deque(e - n for e in self.ends)
+        ended = bool(self.ends) and self.ends[0] <= 0
+        if ended:
+            self.ends.popleft()
+        speech = n > 0
+        underrun = self.speaking and n < FRAME_SAMPLES and not ended
+        self.speaking = self.queued > 0 and not ended
+        return out, speech, underrun, ended, arrival
+
+    def drop(self, samples: int | None = None) -> int:
+        """Drop `samples` from the front (all when None); returns how many 40 ms frames that was."""
+        n = self.queued if samples is None else min(samples, self.queued)
+        left = n
+        while left:
+            chunk = self.chunks[0]
+            k = min(left, len(chunk))
+            if k == len(chunk):
+                self.chunks.popleft()
+                self.arrivals.popleft()
+            else:
+                self.chunks[0] = chunk[k:]
+            left -= k
+        self.queued -= n
+        self.ends = collections.deque(e - n for e in self.ends if e - n > 0)
+        if samples is None:
+            self.ends.clear()
+        self.speaking = self.speaking and self.queued > 0
+        return math.ceil(n / FRAME_SAMPLES)
+
+
+class Resampler:
+    """Any-rate, any-layout PCM chunks -> float32 mono 16 kHz (PyAV's AudioResampler, stateful across chunks)."""
+
+    def __init__(self, sample_rate: int, channels: int = 1):
+        import av
+        self.rate, self.channels = int(sample_rate), int(channels)
+        self._av = av
+        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+
+    def frame(self, frame) -> np.ndarray:
+        """A decoded av.AudioFrame (any format, layout and rate) -> float32 mono 16 kHz."""
+        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, np.float32)
+
+    def __call__(self, pcm: np.ndarray) -> np.ndarray:
+        """pcm: int16 or float32, [n] (mono) or [channels, n]."""
+        pcm = np.asarray(pcm)
+        if pcm.ndim == 1:
+            pcm = pcm[None]
+        if pcm.shape[0] != self.channels:
+            raise ValueError(f"expected {self.channels} channel(s) [channels, n], got shape {pcm.shape}")
+        if pcm.dtype == np.int16:
+            fmt, data = "s16p", np.ascontiguousarray(pcm)
+        else:
+            fmt, data = "fltp", np.ascontiguousarray(pcm, dtype=np.float32)
+        layout = "mono" if self.channels == 1 else "stereo" if self.channels == 2 else f"{self.channels}c"
+        frame = self._av.AudioFrame.from_ndarray(data, format=fmt, layout=layout)
+        frame.sample_rate = self.rate
+        return self.frame(frame)
+
+
+class LiveStream:
+    """One session on a 25 fps clock (see the module docstring). `delay_s`: the constant play delay D (default:
+    structural wait + a compute margin measured during warm-up); `clock`: a monotonic time source in seconds."""
+
+    def __init__(self, session, *, delay_s: float | None = None, margin_s: float | None = None,
+                 clock=time.monotonic, warmup: bool = True, start: bool = True):
+        self.session = session
+        cfg, stream = session.cfg, session.stream
+        if cfg.sample_rate != SAMPLE_RATE or cfg.samples_per_frame != FRAME_SAMPLES or cfg.fps != FPS:
+            raise ValueError(f"the live core runs 25 fps from 16 kHz audio; model {cfg.name!r} has {cfg.fps} fps, "
+                             f"{cfg.sample_rate} Hz")
+        self.height, self.width = cfg.height, cfg.width
+        # the frame that waits longest: the first of a block, for its block and the look-ahead
+        self.structural_frames = stream.lookahead_video_frames(cfg.audio_frames_per_latent) + \
+            stream.block_frames * cfg.audio_frames_per_latent - 1
+        self.clock = clock
+        self.stats_ = LiveStats()
+        self._lock = threading.Lock()
+        self._input = _Input()
+        self._resampler: Resampler | None = None
+        self._frame_resampler: tuple | None = None
+        self._ready: dict[int, LiveFrame] = {}          # slot -> frame, waiting for its play time
+        self._audio: dict[int, tuple] = {}              # slot -> (audio, speech, segment_end) pushed, frame pending
+        self._last_video = np.zeros((self.height, self.width, 3), np.uint8)
+        self._interrupt = False
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.on_step = None          # optional callback(ms) from the producer thread after each window step
+        margin = margin_s
+        if warmup:
+            margin = self._warm_up() if margin is None else margin
+        self.delay_s = delay_s if delay_s is not None else \
+            self.structural_frames * FRAME_S + max(MIN_MARGIN_S, margin or MIN_MARGIN_S)
+        if self.delay_s < self.structural_frames * FRAME_S:
+            raise ValueError(f"delay_s={self.delay_s:.3f} s is below the structural wait of this stream "
+                             f"({self.structural_frames} frames = {self.structural_frames * FRAME_S:.2f} s): every "
+                             "frame would be late; leave delay_s unset to have it measured")
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ input (any thread)
+    def feed(self, pcm, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> None:
+        """Audio as it arrives: int16 or float32, [n] mono or [channels, n], at any rate (resampled to 16 kHz)."""
+        pcm = np.asarray(pcm)
+        if sample_rate != SAMPLE_RATE or channels != 1 or pcm.ndim != 1:
+            if self._resampler is None or (self._resampler.rate, self._resampler.channels) != (sample_rate, channels):
+                self._resampler = Resampler(sample_rate, channels)
+            pcm = self._resampler(pcm)
+        self._push(pcm)
+
+    def feed_frame(self, frame) -> None:
+        """A decoded av.AudioFrame as it arrives (e.g. from a WebRTC track): resampled to 16 kHz mono."""
+        key = (frame.sample_rate, frame.layout.nb_channels, frame.format.name)
+        if self._frame_resampler is None or self._frame_resampler[0] != key:
+            self._frame_resampler = (key, Resampler(frame.sample_rate, frame.layout.nb_channels))
+        self._push(self._frame_resampler[1].frame(frame))
+
+    def _push(self, pcm: np.ndarray) -> None:
+        pcm = validate_pcm(pcm, allow_empty=True)          # the runtime's one level rule; NaN is refused
+        now = self.clock()
+        with self._lock:
+            self._input.push(pcm, now)
+
+    def end_segment(self) -> None:
+        """The speech fed so far is a complete segment: its last frame carries `segment_end`."""
+        with self._lock:
+            self._input.mark_end()
+
+    def interrupt(self) -> None:
+        """Drop the queued input and the frames made from it that were not played; idle within about one block."""
+        with self._lock:
+            self._interrupt = True
+
+    @property
+    def queued_s(self) -> float:
+        return self._input.queued / SAMPLE_RATE
+
+    # ------------------------------------------------------------------ output (the transport's event loop)
+    def frame(self, slot: int) -> LiveFrame:
+        """Slot's frame if it is ready, else a filler (the last frame, silence); forgets older slots."""
+        with self._lock:
+            for old in [s for s in self._ready if s < slot]:
+                del self._ready[old]
+            f = self._ready.pop(slot, None)
+            self.stats_.frames += 1
+            if f is None:
+                self.stats_.fillers += 1
+                return LiveFrame(slot, self._last_video, np.zeros(FRAME_SAMPLES, np.float32), False,
+                                 self.play_time(slot), filler=True)
+            self._last_video = f.video
+            return f
+
+    def play_time(self, slot: int) -> float:
+        return self.t0 + slot * FRAME_S + self.delay_s
+
+    async def frames(self, start_slot: int = 0):
+        """One LiveFrame per slot at its play time. A consumer that falls more than two slots behind skips ahead
+        (the skipped frames count as late)."""
+        slot = start_slot
+        while not self._closed.is_set():
+            wait = self.play_time(slot) - self.clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            elif -wait > 2 * FRAME_S:
+                skip = int(-wait / FRAME_S) - 1
+                with self._lock:
+                    self.stats_.late += skip
+                slot += skip
+            if self.error is not None:
+                raise RuntimeError(f"the live stream stopped: {self.error}") from self.error
+            yield self.frame(slot)
+            slot += 1
+
+    def stats(self) -> dict:
+        with self._lock:
+            s = self.stats_
+            steps = sorted(s.step_ms)
+            return dict(frames=s.frames, fillers=s.fillers, late=s.late, dropped_audio_frames=s.dropped_audio_frames,
+                        restarts=s.restarts, interrupts=s.interrupts, underruns=s.underruns,
+                        delay_ms=round(self.delay_s * 1e3, 1), queued_ms=round(self.queued_s * 1e3, 1),
+                        step_ms_p50=steps[len(steps) // 2] if steps else None,
+                        step_ms_max=steps[-1] if steps else None)
+
+    # ------------------------------------------------------------------ the producer
+    def start(self, background: bool = True) -> None:
+        """Start the clock (slot 0's tick is now) and the producer thread; `background=False` starts the clock only,
+        and the caller calls `tick()` itself (tests drive a fake clock so)."""
+        if hasattr(self, "t0"):
+            return
+        self.t0 = self.clock()
+        self._next_tick = 0
+        self._s0 = 0                 # slot of the current session's audio frame 0
+        if background:
+            self._thread = threading.Thread(target=self._run, name="live-producer", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    def _warm_up(self) -> float:
+        """Run WARMUP_STEPS windows of silence (JIT, allocations, the engine's compile and capture), then reset;
+        returns the compute margin: 1.5x the slowest of the last TIMED_STEPS steps (a live step also shares the
+        machine with the transport's encoders)."""
+        sess, per_step = self.session, self.session.stream.block_frames * self.session.cfg.audio_frames_per_latent
+        times = []
+        with torch.inference_mode():
+            for _ in range(WARMUP_STEPS):
+                start = time.perf_counter()
+                sess.push_audio(np.zeros(per_step * FRAME_SAMPLES, np.float32))
+                times.append(time.perf_counter() - start)
+            sess.reset()
+        return 1.5 * max(times[-TIMED_STEPS:])
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self._closed.is_set():
+                    due = self.t0 + self._next_tick * FRAME_S
+                    wait = due - self.clock()
+                    if wait > 0:
+                        self._closed.wait(wait)
+                        continue
+                    self.tick()
+        except BaseException as err:                 # surfaced by frames() to the transport
+            self.error = err
+            self._closed.set()
+
+    def tick(self) -> None:
+        """Process the next tick: take its 40 ms of input (or silence) and push it into the session (the producer
+        thread calls this at each tick's time)."""
+        n = self._next_tick
+        now = self.clock()
+        with self._lock:
+            interrupt, self._interrupt = self._interrupt, False
+            if interrupt:
+                self.stats_.interrupts += 1
+                self.stats_.dropped_audio_frames += self._input.drop()
+        # A slow step or a restart's own burst of compute only costs a few fillers, and the producer catches up;
+        # a lag past max(1 s, D) means it cannot keep up: the backlog goes, instead of queueing without bound.
+        behind = now - (self.t0 + n * FRAME_S) > max(MAX_LAG_S, self.delay_s)
+        if interrupt or behind:
+            self._restart(now, n)
+            n = self._next_tick
+        with self._lock:
+            audio, speech, underrun, ended, arrival = self._input.take()
+            self.stats_.underruns += underrun
+            self._audio[n] = (audio, speech, ended, arrival)
+        start = time.perf_counter()
+        frames = self.session.push_audio(audio).numpy()
+        if len(frames):
+            ms = (time.perf_counter() - start) * 1e3
+            with self._lock:
+                self.stats_.step_ms = (self.stats_.step_ms + [ms])[-200:]
+            if self.on_step is not None:
+                self.on_step(ms)
+        self._emit(frames)
+        self._next_tick = n + 1
+
+    def _emit(self, frames: np.ndarray) -> None:
+        """Pair the session's new frames with their audio and queue them for their slots (frame v -> slot s0+v-1)."""
+        first = self.session.frames_out - len(frames)         # session frame number of frames[0]
+        now = self.clock()
+        with self._lock:
+            for i, video in enumerate(frames):
+                v = first + i
+                if v == 0:           # the reference reconstruction: not sent, but fillers show it from now on
+                    self._last_video = video
+                    continue
+                slot = self._s0 + v - 1
+                audio, speech, ended, arrival = self._audio.pop(slot)
+                if now > self.play_time(slot):
+                    self.stats_.late += 1
+                    continue
+                self._ready[slot] = LiveFrame(slot, video, audio, speech, self.play_time(slot), segment_end=ended,
+                                              arrival=arrival)
+
+    def _restart(self, now: float, tick: int) -> None:
+        """A new stream whose first audio is the current tick's: the input of the ticks the producer could not
+        process is dropped, and the frames not played yet are forgotten, so the slots up to the new stream's first
+        frame get fillers, which show its first output, the reference reconstruction (a neutral face), at once."""
+        self.session.reset()
+        current = max(tick, int((now - self.t0) / FRAME_S))
+        play_slot = max(0, math.ceil((now - self.t0 - self.delay_s) / FRAME_S))
+        with self._lock:
+            self.stats_.restarts += 1
+            self.stats_.dropped_audio_frames += self._input.drop((current - tick) * FRAME_SAMPLES)
+            for slot in [s for s in self._ready if s >= play_slot]:
+                del self._ready[slot]
+            self._audio.clear()
+        self._s0 = self._next_tick = current
