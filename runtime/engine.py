@@ -117,6 +117,9 @@ class Engine:
         frames = cfg.audio_frames_per_latent * self.B
         self.frames_u8 = torch.zeros(frames, cfg.height, cfg.width, 3, dtype=torch.uint8, device=dev)
         self._dit_fn = torch.compile(self._dit_step, fullgraph=True, dynamic=False) if compile else self._dit_step
+        # on a CPU the decode is compiled too (it has no graph to replay there); on CUDA it is captured
+        self._decode_fn = torch.compile(self._decode_step, fullgraph=True, dynamic=False) \
+            if compile and not self.cuda else None
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self._eager_calls: dict[str, int] = defaultdict(int)
         if self.cuda:
@@ -178,9 +181,15 @@ class Engine:
 
     def decode(self, latents: Tensor) -> Frames:
         """Decode an emitted block: uint8 frames [4B, H, W, 3] (on CUDA through the decode graph on its own stream,
-        copied to a pinned buffer; `wait()` on the result). A stream's first latent goes to the reference step."""
-        if not self.cuda or not self.state.decode_cache.first_done:
+        copied to a pinned buffer; `wait()` on the result; compiled on a CPU when the step is). A stream's first
+        latent, and every block on a CPU without compile, go to the reference step."""
+        if not self.state.decode_cache.first_done or not (self.cuda or self._decode_fn):
             return self.reference.decode(latents)
+        if not self.cuda:
+            with self.state.timed("decode"):
+                self.z_static.copy_(latents)
+                self._decode_fn()
+                return Frames(self.frames_u8.clone())
         self.vae_stream.wait_stream(self.dit_stream)
         with torch.cuda.stream(self.vae_stream):
             self.z_static.copy_(latents)

@@ -46,24 +46,26 @@ def test_engine_equals_session(pipe, image, stream, tol):
 
 
 def compiled_stream(pipe, image, feats):
-    """A low-delay stream through the engine with its step under torch.compile; asserts it compiled to one graph
-    with no graph break and no recompile. Returns (latents, session)."""
+    """A low-delay stream through the engine with its step and (on a CPU) its decode under torch.compile; asserts
+    it compiled to one graph each with no graph break and no recompile. Returns (latents, frames, session)."""
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
     dynamo.reset()
     counters.clear()
     with dynamo.config.patch(error_on_recompile=True):
-        latents, _, sess = stream_latents(pipe, image, "low-delay", True, feats, compile=True)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    return latents, sess
+        latents, frames, sess = stream_latents(pipe, image, "low-delay", True, feats, compile=True)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]      # the step and the decode
+    return latents, frames, sess
 
 
 def test_engine_step_compiles_whole_without_recompiles(pipe, image):
     feats = torch.randn(4 * 56, pipe.config.audio_input_dim, generator=torch.Generator().manual_seed(2))
-    got, sess = compiled_stream(pipe, image, feats)
+    got, frames, sess = compiled_stream(pipe, image, feats)
     assert sess.engine.steps >= 50
-    ref, _, _ = stream_latents(pipe, image, "low-delay", True, feats)
+    ref, ref_frames, _ = stream_latents(pipe, image, "low-delay", True, feats)
     assert max((got[b] - ref[b]).abs().max().item() for b in ref) <= 1e-5
+    # uint8 frames from the compiled decode: within one level (fp32 reassociation on a rounding edge)
+    assert frames.shape == ref_frames.shape and (frames.int() - ref_frames.int()).abs().max() <= 1
 
 
 def test_engine_step_with_kernels_compiles_whole(image):
@@ -74,7 +76,7 @@ def test_engine_step_with_kernels_compiles_whole(image):
     feats = torch.randn(4 * 12, pipe.config.audio_input_dim, generator=torch.Generator().manual_seed(5))
     ref, _, _ = stream_latents(pipe, image, "low-delay", False, feats)
     pipe.dit.use_kernels = True
-    got, sess = compiled_stream(pipe, image, feats)
+    got, _, sess = compiled_stream(pipe, image, feats)
     assert sess.engine.steps >= 6
     assert max((got[b] - ref[b]).abs().max().item() for b in ref) <= 1e-4
 
