@@ -1,13 +1,14 @@
 # One-command set-up: every target installs into .venv at the repo root on first use, from the lock file.
 #   make demo         -> writes demo.mp4 from the sample shipped in runtime/assets
 #   make test         -> the CPU test suite (what CI runs)
+#   make serve        -> the live server and its page on http://127.0.0.1:8080/ (the shipped toy-talker)
 #   make lock         -> re-resolve requirements-lock.txt from the ranges in pyproject.toml
 #   make test-latest  -> the suite on the newest versions the ranges allow, in a throwaway venv
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCK := requirements-lock.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
-EXTRAS := test,export,train
+EXTRAS := test,export,train,serve
 PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.7.0
 # Exact versions the lock holds where the newest in range is not the one wanted: transformers 4.49.0 is the version
@@ -16,7 +17,7 @@ PIP_TOOLS_VERSION := 7.7.0
 LOCK_PINS := transformers==4.49.0
 LATEST_VENV ?= /tmp/avatar-runtime-latest
 
-.PHONY: install demo test test-all test-latest lock gpu-check clean
+.PHONY: install demo serve test test-all test-latest lock gpu-check clean
 
 # A changed lock or pyproject rebuilds .venv from scratch, so that it holds exactly the lock (pip install -r adds
 # and upgrades, but never removes a package the lock dropped).
@@ -33,6 +34,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m runtime.generate --out demo.mp4
+
+serve: $(STAMP)
+	$(PY) -m runtime.serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -60,7 +64,7 @@ test-latest:
 	$(LATEST_VENV)/bin/pip install -q --upgrade ".[$(EXTRAS)]"
 	rm -rf build avatar_runtime.egg-info
 	$(LATEST_VENV)/bin/pip check
-	$(LATEST_VENV)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|numpy|av|pillow|onnx|onnxruntime|onnxscript|triton|kernels|huggingface.hub|tokenizers|safetensors)=='
+	$(LATEST_VENV)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|numpy|av|pillow|onnx|onnxruntime|onnxscript|triton|kernels|huggingface.hub|tokenizers|safetensors|aiortc|fastapi|uvicorn)=='
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 comma := ,

@@ -20,6 +20,7 @@ Not here: audio features (audio.py), the VAE (vae.py), video input other than re
 from __future__ import annotations
 
 import glob
+import io
 import math
 import os
 import re
@@ -57,7 +58,7 @@ UINT16_MAX = 65535            # full scale of 16-bit images (PNG, TIFF, PGM): sc
 # formula R = (255 - C)(255 - K) / 255, without any embedded ICC profile). Alpha is dropped, not composited.
 PIL_RGB_MODES = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV")
 FLOAT_IMAGE_SLACK = 0.5 / 255    # float images may leave [0, 1] by half an 8-bit step (rounds the same)
-IMAGE_HELP = ("accepted: a file path, a PIL image, or a uint8 / uint16 numpy array (torch tensor) "
+IMAGE_HELP = ("accepted: a file path, its bytes, a PIL image, or a uint8 / uint16 numpy array (torch tensor) "
               "[H, W, 3|4] or [H, W]")
 AUDIO_HELP = "accepted: a file path (wav, mp3, flac, ogg, m4a, ...) or a 1-D float32 (in [-1, 1]) / int16 array"
 HELP = {"audio": AUDIO_HELP, "video": "accepted: a video file FFmpeg decodes (mp4, mkv, webm, ...)"}
@@ -70,7 +71,7 @@ class UnsupportedImageMode(ValueError):
 
 
 def load_image(image) -> Image.Image:
-    """A path, PIL image or array -> 8-bit RGB PIL image.
+    """A path, an encoded file's bytes, a PIL image or an array -> 8-bit RGB PIL image.
 
     Pillow modes: the 8-bit ones in PIL_RGB_MODES go through `convert("RGB")` as in the official loader; 16-bit
     gray (I;16, I;16B/L/N, and I, which Pillow uses for 16-bit PGM) is scaled by 255 / 65535 and rounded; F (32-bit
@@ -82,6 +83,8 @@ def load_image(image) -> Image.Image:
     """
     if isinstance(image, (str, os.PathLike)):
         return _read_image_file(_existing_file(image, "image"))
+    if isinstance(image, (bytes, bytearray)):                 # an encoded file's bytes (e.g. an upload)
+        return _read_image_file(io.BytesIO(image), "the image data")
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image)
     if isinstance(image, torch.Tensor):
@@ -94,17 +97,19 @@ def load_image(image) -> Image.Image:
     raise TypeError(f"unsupported image type {type(image).__name__}; {IMAGE_HELP}")
 
 
-def _read_image_file(path: Path) -> Image.Image:
+def _read_image_file(source, name: str | None = None) -> Image.Image:
+    """Decode a file (a path or a binary file object) to RGB; `name` says what it is in messages."""
+    what = name or f"image {source}"
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()                 # decode now: a truncated file fails here, not later inside resize
-            return _pil_to_rgb(im, f"image {path}")
+            return _pil_to_rgb(im, what)
     except Image.DecompressionBombError as e:
-        raise ValueError(f"image {path} is too large to decode safely: {e}") from None
+        raise ValueError(f"{what} is too large to decode safely: {e}") from None
     except UnsupportedImageMode:
         raise
     except (OSError, SyntaxError, ValueError) as e:   # UnidentifiedImageError is an OSError
-        raise ValueError(f"cannot read image {path}: not a valid image or the file is corrupt/truncated "
+        raise ValueError(f"cannot read {what}: not a valid image or the file is corrupt/truncated "
                          f"({e}); use a PNG or JPEG file") from None
 
 

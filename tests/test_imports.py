@@ -1,6 +1,6 @@
 """The package boundaries, read from the source with ast (every import, at the top or inside a function):
 runtime/ imports nothing of export/, bench/, train/ or tests/; runtime/kernels/ imports nothing else of runtime/;
-and no import circle inside runtime/."""
+the runtime's core imports no serving framework; and no import circle inside runtime/."""
 import ast
 from pathlib import Path
 
@@ -39,6 +39,18 @@ def runtime_graph() -> dict[str, set[str]]:
 def test_runtime_imports_no_export_bench_train_or_tests():
     bad = {name: sorted(t for t in targets if t.split(".")[0] in ("export", "bench", "train", "tests"))
            for name, targets in runtime_graph().items()}
+    assert not {k: v for k, v in bad.items() if v}, bad
+
+
+SERVING = {"fastapi", "starlette", "uvicorn", "aiortc", "aiohttp", "httpx", "prometheus_client", "livekit", "pipecat",
+           "ray"}
+
+
+def test_runtime_core_imports_no_serving_framework():
+    """Web frameworks, WebRTC, LiveKit, Pipecat and Ray are optional extras imported only by runtime/serve/ and
+    runtime/integrations/."""
+    core = {n: t for n, t in runtime_graph().items() if not n.startswith(("runtime.serve", "runtime.integrations"))}
+    bad = {name: sorted(t for t in targets if t.split(".")[0] in SERVING) for name, targets in core.items()}
     assert not {k: v for k, v in bad.items() if v}, bad
 
 

@@ -10,29 +10,10 @@ import torch
 from runtime import AvatarPipeline
 from runtime.media import load_audio, load_image
 from runtime.pipeline import TOY_ASSETS
+from toyprobe import SECONDS, clips_on, probe_for
 
-SECONDS = 2.0
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed "
                                   "(apt-get install espeak-ng): train.toy synthesises speech with it")
-
-
-def clips_on(audio: np.ndarray, clips: int, seed0: int):
-    """Random identities (seeds seed0..) rendered on random pieces of the given audio (no espeak-ng needed)."""
-    from train.data import ClipSet
-    from train.synth import make_clip
-    rng = np.random.default_rng(seed0)
-    made = []
-    for i in range(clips):
-        start = int(rng.integers(0, max(1, len(audio) - 16000)))
-        piece = audio[start:start + int(16000 * SECONDS)] * float(rng.uniform(0.5, 1.0))
-        made.append(make_clip(seed0 + i, SECONDS, audio=piece))
-    return ClipSet.of(made)
-
-
-def probe_for(audio: np.ndarray, clips: int = 30, steps: int = 250):
-    """A mouth-reading probe trained on synthetic ground truth."""
-    from bench.quality import train_probe
-    return train_probe(clips_on(audio, clips, 300_000), steps=steps)
 
 
 def test_shipped_files_and_budget():

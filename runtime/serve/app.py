@@ -1,0 +1,422 @@
+"""The live server: FastAPI app, sessions on the live core, WebRTC media with aiortc.
+
+    hub = Hub(pipe, max_sessions=2)          # the loaded pipeline, the sessions, limits and metrics
+    app = create_app(hub, token=None)        # an ASGI app: uvicorn serves it (runtime.serve), Ray Serve can too
+
+Endpoints (all under the token when one is set: `Authorization: Bearer T`, or `?token=T` for the page itself,
+which a browser opens without headers):
+    GET  /                            the page (runtime/serve/static/index.html)
+    GET  /healthz                     {"ok": true, "sessions": n, "max_sessions": k}
+    GET  /metrics                     Prometheus text: sessions, frames, dropped frames, step ms, delay
+    GET  /api/faces                   the shipped faces: [{"name", "url"}]; GET /api/faces/{name}: the PNG
+    POST /api/sessions                JSON {} or {"face": name}, or multipart with an `image` file -> {"id", ...}
+    POST /api/sessions/{id}/offer     {"sdp", "type": "offer"} -> {"sdp", "type": "answer"}; the client sends one
+                                      audio track (its microphone) and receives one video and one audio track
+    DELETE /api/sessions/{id}
+A data channel "control" carries {"type": "interrupt"} from the client and {"type": "stats", ...} once a second
+from the server. Bad input is a 4xx with {"error": message}; past `max_sessions` a 503 with Retry-After.
+
+A session holds a StreamSession (made at POST, which checks the image) and, once the offer arrives, a LiveStream
+(warm-up in a worker thread), an RTCPeerConnection, a task that feeds the client's audio into the live core and a
+pacer that hands each LiveFrame to the two outgoing tracks at its play time. Video pts advance 3,600 ticks (90 kHz)
+per frame and audio 40 ms per frame, from the same slots, so the browser keeps them in sync. A session ends on
+DELETE, when its connection fails or closes, when it idles past `idle_timeout_s` without media, or when the
+server stops; everything it held is released.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..config import TOY_ASSETS
+from ..live import LiveStream
+from ..media import load_image
+
+STATIC = Path(__file__).parent / "static"
+MAX_UPLOAD_BYTES = 10 * 2 ** 20
+VIDEO_CLOCK = 90000
+IDLE_TIMEOUT_S = 30.0          # a session with no offer, or no audio from its client, for this long is ended
+SWEEP_S = 2.0
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def shipped_faces(directory: Path = TOY_ASSETS) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(directory.glob("ref_*.png"))}
+
+
+class Metrics:
+    """Prometheus metrics in their own registry (one per app, so that tests and several apps do not collide)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.sessions = Gauge("avatar_sessions", "live sessions", registry=self.registry)
+        self.frames = Counter("avatar_frames", "frames sent", registry=self.registry)
+        self.dropped = Counter("avatar_dropped_frames", "frames not sent on time (fillers sent instead)",
+                               registry=self.registry)
+        self.step_ms = Histogram("avatar_step_ms", "compute time of a window step, ms", registry=self.registry,
+                                 buckets=(5, 10, 20, 40, 60, 80, 100, 150, 200, 400, 800))
+        self.delay_ms = Histogram("avatar_delay_ms", "speech-to-lips delay of speech frames (audio arrival to "
+                                  "frame sent), ms", registry=self.registry,
+                                  buckets=(100, 200, 400, 600, 700, 800, 1000, 1500, 2000, 3000, 5000))
+
+
+class AvatarTrack(MediaStreamTrack):
+    """One outgoing track (video or audio): frames come from the session's pacer, already timed."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=100)
+
+    def put(self, frame) -> None:
+        if self.queue.full():                     # nobody reads this track: keep only the newest frames
+            self.queue.get_nowait()
+        self.queue.put_nowait(frame)
+
+    async def recv(self):
+        if self.readyState != "live":
+            raise MediaStreamError
+        frame = await self.queue.get()
+        if frame is None:
+            raise MediaStreamError
+        return frame
+
+
+def video_frame(f) -> av.VideoFrame:
+    frame = av.VideoFrame.from_ndarray(f.video, format="rgb24")
+    frame.pts, frame.time_base = f.slot * VIDEO_CLOCK // 25, Fraction(1, VIDEO_CLOCK)
+    return frame
+
+
+def audio_frames(f) -> list[av.AudioFrame]:
+    """A frame's 40 ms as two 20 ms frames: aiortc sends every packet of one encoded frame with one RTP timestamp,
+    so a 40 ms frame (two Opus packets) would lose its second half at the receiver."""
+    pcm = (np.clip(f.audio, -1.0, 1.0) * 32767).astype(np.int16)                  # [640] s16 mono, 16 kHz
+    out, half = [], len(pcm) // 2
+    for i in range(2):
+        frame = av.AudioFrame.from_ndarray(pcm[None, i * half:(i + 1) * half], format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = 16000, f.slot * len(pcm) + i * half, Fraction(1, 16000)
+        out.append(frame)
+    return out
+
+
+class Session:
+    def __init__(self, hub: "Hub", sid: str, stream_session):
+        self.hub, self.id, self.session = hub, sid, stream_session
+        self.created = self.last_active = time.monotonic()
+        self.live: LiveStream | None = None
+        self.pc: RTCPeerConnection | None = None
+        self.tasks: list[asyncio.Task] = []
+        self.control = None
+        self.closed = False
+
+    def info(self) -> dict:
+        cfg = self.session.cfg
+        return {"id": self.id, "width": cfg.width, "height": cfg.height, "fps": cfg.fps,
+                "stream": self.session.stream.name}
+
+    async def answer(self, offer: RTCSessionDescription) -> RTCSessionDescription:
+        if self.pc is not None:
+            raise HTTPError(409, f"session {self.id} already has a connection; create a new session")
+        self.pc = pc = RTCPeerConnection()
+        video, audio = AvatarTrack("video"), AvatarTrack("audio")
+
+        @pc.on("track")
+        def on_track(track):
+            if track.kind == "audio":
+                self.tasks.append(asyncio.ensure_future(self._consume(track)))
+
+        @pc.on("datachannel")
+        def on_datachannel(channel):
+            if channel.label != "control":
+                return
+            self.control = channel
+
+            @channel.on("message")
+            def on_message(message):
+                try:
+                    kind = json.loads(message).get("type")
+                except (ValueError, AttributeError):
+                    kind = None
+                if kind == "interrupt" and self.live is not None:
+                    self.live.interrupt()
+
+        @pc.on("connectionstatechange")
+        async def on_state():
+            if pc.connectionState in ("failed", "closed"):
+                await self.hub.remove(self.id)
+
+        try:
+            await pc.setRemoteDescription(offer)
+        except (ValueError, TypeError) as err:
+            raise HTTPError(400, f"the offer's SDP is not usable: {err}") from None
+        if not any(t.kind == "audio" for t in pc.getTransceivers()):
+            raise HTTPError(400, "the offer's SDP has no audio m-line: send the microphone as one audio track")
+        pc.addTrack(audio)
+        pc.addTrack(video)
+        self.live = await asyncio.to_thread(LiveStream, self.session)     # warm-up, then the clock starts
+        self.live.on_step = self.hub.metrics.step_ms.observe
+        self.tasks.append(asyncio.ensure_future(self._pace(video, audio)))
+        self.tasks.append(asyncio.ensure_future(self._report()))
+        await pc.setLocalDescription(await pc.createAnswer())
+        self.last_active = time.monotonic()
+        return pc.localDescription
+
+    async def _consume(self, track) -> None:
+        """The client's microphone into the live core."""
+        try:
+            while True:
+                frame = await track.recv()
+                self.live.feed_frame(frame)
+                self.last_active = time.monotonic()
+        except MediaStreamError:
+            return
+
+    async def _pace(self, video: AvatarTrack, audio: AvatarTrack) -> None:
+        """Each LiveFrame, at its play time, to both outgoing tracks."""
+        metrics = self.hub.metrics
+        async for f in self.live.frames():
+            video.put(video_frame(f))
+            for part in audio_frames(f):
+                audio.put(part)
+            metrics.frames.inc()
+            if f.filler:
+                metrics.dropped.inc()
+            if f.arrival is not None:
+                metrics.delay_ms.observe((self.live.clock() - f.arrival) * 1e3)
+
+    async def _report(self) -> None:
+        """Stats on the control channel once a second: fps over the last second, delay, drops."""
+        last_frames, last_time = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            stats = self.live.stats()
+            now = time.monotonic()
+            fps = (stats["frames"] - last_frames) / (now - last_time)
+            last_frames, last_time = stats["frames"], now
+            if self.control is not None and self.control.readyState == "open":
+                self.control.send(json.dumps({"type": "stats", "fps": round(fps, 2), **stats}))
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+        if self.live is not None:
+            await asyncio.to_thread(self.live.close)
+        if self.pc is not None:
+            await self.pc.close()
+        self.live = self.pc = self.control = None
+        self.session = None
+
+
+class Hub:
+    """The server's state: one loaded pipeline shared by every session, the sessions, limits and metrics."""
+
+    def __init__(self, pipe, *, max_sessions: int = 2, idle_timeout_s: float = IDLE_TIMEOUT_S,
+                 faces: dict[str, Path] | None = None, compile: bool | None = None):
+        self.pipe, self.max_sessions, self.idle_timeout_s = pipe, max_sessions, idle_timeout_s
+        # Sessions run the static-shape engine. On a CPU its step is compiled (torch.compile): the small models'
+        # steps are bound by Python dispatch, which compiling removes (toy-talker: ~36 ms a step instead of 60-80),
+        # and the compiled step is shared by every later session. On CUDA the engine's graphs do that already.
+        self.compile = pipe.device.type == "cpu" if compile is None else compile
+        self.faces = shipped_faces() if faces is None else faces
+        self.sessions: dict[str, Session] = {}
+        self.metrics = Metrics()
+        self._creating = 0
+
+    async def create(self, image) -> Session:
+        if len(self.sessions) + self._creating >= self.max_sessions:
+            raise HTTPError(503, f"all {self.max_sessions} session slots are in use; retry later",
+                            {"Retry-After": "5"})
+        self._creating += 1
+        try:
+            stream_session = await asyncio.to_thread(self.pipe.session, image, fit="crop", engine=True,
+                                                     compile=self.compile)
+        except (ValueError, TypeError) as err:
+            raise HTTPError(400, f"the image cannot be used: {err}") from None
+        finally:
+            self._creating -= 1
+        sid = secrets.token_urlsafe(12)
+        self.sessions[sid] = Session(self, sid, stream_session)
+        self.metrics.sessions.set(len(self.sessions))
+        return self.sessions[sid]
+
+    def warm_up(self) -> float:
+        """Compile and warm the engine once on a shipped face, so that the first client does not wait for it;
+        returns the seconds it took."""
+        start = time.monotonic()
+        face = next(iter(self.faces.values()))
+        LiveStream(self.pipe.session(face, fit="crop", engine=True, compile=self.compile), start=False)
+        return time.monotonic() - start
+
+    def get(self, sid: str) -> Session:
+        if sid not in self.sessions:
+            raise HTTPError(404, f"no session {sid!r}: it ended or never existed")
+        return self.sessions[sid]
+
+    async def remove(self, sid: str) -> bool:
+        session = self.sessions.pop(sid, None)
+        self.metrics.sessions.set(len(self.sessions))
+        if session is None:
+            return False
+        await session.close()
+        return True
+
+    async def sweep(self) -> None:
+        """End sessions idle past the timeout: no offer yet, or no audio from the client for that long."""
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            now = time.monotonic()
+            for sid, s in list(self.sessions.items()):
+                if now - s.last_active > self.idle_timeout_s:
+                    await self.remove(sid)
+
+    async def close(self) -> None:
+        for sid in list(self.sessions):
+            await self.remove(sid)
+
+
+def create_app(hub: Hub, *, token: str | None = None, cors_origins: list[str] | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        sweeper = asyncio.ensure_future(hub.sweep())
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await hub.close()
+
+    app = FastAPI(title="AvatarForcing live", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+
+    @app.exception_handler(HTTPError)
+    async def http_error(request: Request, err: HTTPError):
+        return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        if token is not None and not _authorized(request, token):
+            return JSONResponse({"error": "missing or wrong token: send 'Authorization: Bearer <token>' (the page: "
+                                          "open /?token=<token>)"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.get("/")
+    async def page():
+        return HTMLResponse((STATIC / "index.html").read_text())
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"ok": True, "sessions": len(hub.sessions), "max_sessions": hub.max_sessions}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(hub.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/faces")
+    async def faces():
+        return [{"name": name, "url": f"/api/faces/{name}"} for name in hub.faces]
+
+    @app.get("/api/faces/{name}")
+    async def face(name: str):
+        if name not in hub.faces:
+            raise HTTPError(404, f"no shipped face {name!r}; GET /api/faces lists them")
+        return FileResponse(hub.faces[name], media_type="image/png")
+
+    @app.post("/api/sessions")
+    async def create_session(request: Request):
+        image = await _session_image(request, hub)
+        session = await hub.create(image)
+        return session.info()
+
+    @app.post("/api/sessions/{sid}/offer")
+    async def offer(sid: str, request: Request):
+        session = hub.get(sid)
+        body = await _json(request)
+        if not isinstance(body, dict) or body.get("type") != "offer" or not isinstance(body.get("sdp"), str):
+            raise HTTPError(400, 'expected {"sdp": "...", "type": "offer"}')
+        try:
+            answer = await session.answer(RTCSessionDescription(sdp=body["sdp"], type="offer"))
+        except HTTPError:
+            await hub.remove(sid)
+            raise
+        return {"sdp": answer.sdp, "type": answer.type}
+
+    @app.delete("/api/sessions/{sid}")
+    async def delete_session(sid: str):
+        if not await hub.remove(sid):
+            raise HTTPError(404, f"no session {sid!r}: it ended or never existed")
+        return {"deleted": sid}
+
+    return app
+
+
+def _authorized(request: Request, token: str) -> bool:
+    header = request.headers.get("authorization", "")
+    given = header[7:] if header.lower().startswith("bearer ") else None
+    if given is None and request.url.path == "/":
+        given = request.query_params.get("token")
+    return given is not None and secrets.compare_digest(given, token)
+
+
+async def _json(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw or b"{}")
+    except ValueError as err:
+        raise HTTPError(400, f"the body is not JSON: {err}") from None
+
+
+async def _session_image(request: Request, hub: Hub):
+    """The reference image of a new session: an uploaded `image` file, a shipped face by name, or the first one."""
+    kind = request.headers.get("content-type", "")
+    if kind.startswith("multipart/form-data"):
+        if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_BYTES:
+            raise HTTPError(413, f"the upload is over {MAX_UPLOAD_BYTES // 2 ** 20} MiB")
+        form = await request.form()
+        upload = form.get("image")
+        if upload is None or not hasattr(upload, "read"):
+            raise HTTPError(400, "multipart body without an 'image' file field")
+        data = await upload.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise HTTPError(413, f"the upload is over {MAX_UPLOAD_BYTES // 2 ** 20} MiB")
+        return _decode_upload(data)
+    body = await _json(request)
+    if not isinstance(body, dict):
+        raise HTTPError(400, 'expected a JSON object: {} or {"face": "<name>"}')
+    name = body.get("face", next(iter(hub.faces), None))
+    if name not in hub.faces:
+        raise HTTPError(400, f"no shipped face {name!r}; choose one of {sorted(hub.faces)} or upload an image")
+    return hub.faces[name]
+
+
+def _decode_upload(data: bytes):
+    """Uploaded bytes -> an RGB image through the runtime's own loader (same checks and messages as the API)."""
+    try:
+        return load_image(data)
+    except ValueError as err:
+        raise HTTPError(415, str(err)) from None
