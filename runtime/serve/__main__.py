@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     hub = Hub(pipe, max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout, compile=args.compile)
-    print("warming up the model (a compile takes a few seconds) ...", file=sys.stderr)
+    print("warming up the model (compiling its step takes up to a minute on a small CPU) ...", file=sys.stderr)
     print(f"warm in {hub.warm_up():.1f} s", file=sys.stderr)
     app = create_app(hub, token=args.token, cors_origins=args.cors_origin or None)
     shown = f"http://{args.host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
