@@ -106,18 +106,7 @@ class _Input:
             n = min(n, self.ends[0])
         out = np.zeros(FRAME_SAMPLES, np.float32)
         arrival = self.arrivals[0] if n else None
-        got = 0
-        while got < n:
-            chunk = self.chunks[0]
-            k = min(n - got, len(chunk))
-            out[got:got + k] = chunk[:k]
-            got += k
-            if k == len(chunk):
-                self.chunks.popleft()
-                self.arrivals.popleft()
-            else:
-                self.chunks[0] = chunk[k:]
-        self.queued -= n
+        self._consume(n, out)
         self.ends = collections.deque(e - n for e in self.ends)
         ended = bool(self.ends) and self.ends[0] <= 0
         if ended:
@@ -127,20 +116,26 @@ class _Input:
         self.speaking = self.queued > 0 and not ended
         return out, speech, underrun, ended, arrival
 
-    def drop(self, samples: int | None = None) -> int:
-        """Drop `samples` from the front (all when None); returns how many 40 ms frames that was."""
-        n = self.queued if samples is None else min(samples, self.queued)
-        left = n
-        while left:
+    def _consume(self, n: int, out: np.ndarray | None = None) -> None:
+        """Take the n oldest samples off the queue, copied into `out` when given."""
+        got = 0
+        while got < n:
             chunk = self.chunks[0]
-            k = min(left, len(chunk))
+            k = min(n - got, len(chunk))
+            if out is not None:
+                out[got:got + k] = chunk[:k]
+            got += k
             if k == len(chunk):
                 self.chunks.popleft()
                 self.arrivals.popleft()
             else:
                 self.chunks[0] = chunk[k:]
-            left -= k
         self.queued -= n
+
+    def drop(self, samples: int | None = None) -> int:
+        """Drop `samples` from the front (all when None); returns how many 40 ms frames that was."""
+        n = self.queued if samples is None else min(samples, self.queued)
+        self._consume(n)
         self.ends = collections.deque(e - n for e in self.ends if e - n > 0)
         if samples is None:
             self.ends.clear()

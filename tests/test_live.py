@@ -4,7 +4,6 @@ import asyncio
 
 import numpy as np
 import pytest
-import torch
 
 from runtime import AvatarPipeline
 from runtime.config import TOY_ASSETS
