@@ -185,23 +185,27 @@ class Session:
         try:
             while True:
                 frame = await track.recv()
-                self.live.feed_frame(frame)
+                if self.live is not None:
+                    self.live.feed_frame(frame)
                 self.last_active = time.monotonic()
         except MediaStreamError:
             return
 
     async def _pace(self, video: AvatarTrack, audio: AvatarTrack) -> None:
-        """Each LiveFrame, at its play time, to both outgoing tracks."""
+        """Each LiveFrame, at its play time, to both outgoing tracks; a live stream that fails ends the session."""
         metrics = self.hub.metrics
-        async for f in self.live.frames():
-            video.put(video_frame(f))
-            for part in audio_frames(f):
-                audio.put(part)
-            metrics.frames.inc()
-            if f.filler:
-                metrics.dropped.inc()
-            if f.arrival is not None:
-                metrics.delay_ms.observe((self.live.clock() - f.arrival) * 1e3)
+        try:
+            async for f in self.live.frames():
+                video.put(video_frame(f))
+                for part in audio_frames(f):
+                    audio.put(part)
+                metrics.frames.inc()
+                if f.filler:
+                    metrics.dropped.inc()
+                if f.arrival is not None:
+                    metrics.delay_ms.observe((self.live.clock() - f.arrival) * 1e3)
+        except RuntimeError:                       # the producer stopped (its error is in self.live.error)
+            asyncio.ensure_future(self.hub.remove(self.id))
 
     async def _report(self) -> None:
         """Stats on the control channel once a second: fps over the last second, delay, drops."""
@@ -361,8 +365,9 @@ def create_app(hub: Hub, *, token: str | None = None, cors_origins: list[str] | 
             raise HTTPError(400, 'expected {"sdp": "...", "type": "offer"}')
         try:
             answer = await session.answer(RTCSessionDescription(sdp=body["sdp"], type="offer"))
-        except HTTPError:
-            await hub.remove(sid)
+        except HTTPError as err:
+            if err.status != 409:                  # a failed first offer leaves a half-made connection: end it
+                await hub.remove(sid)
             raise
         return {"sdp": answer.sdp, "type": answer.type}
 
