@@ -26,6 +26,10 @@ When compute falls behind (documented drop policy, every case counted in `stats(
 `interrupt()` does the same restart, dropping all queued input audio and every frame made from it that has not been
 played: the audio stops at once, the face turns neutral at once, and idle motion follows one play delay later.
 
+With `source_rate=R`, every feed is first resampled to R Hz mono and kept next to its 16 kHz copy: each frame's
+`source` holds the same speech at R Hz (the stretch of the caller's audio that its 640 model samples came from, split
+in proportion per fed chunk), so a transport can play the speech at its own rate instead of the model's 16 kHz.
+
 The session's frame 0 (the reference reconstruction, before any audio) is not sent. Only the producer thread
 touches the session. Not here: network transports (runtime/serve/, runtime/integrations/).
 """
@@ -64,6 +68,8 @@ class LiveFrame:
     filler: bool = False            # not ready in time: the previous frame again, with silence
     segment_end: bool = False       # the last frame of a speech segment closed by `end_segment()`
     arrival: float | None = None    # clock seconds when its first input sample arrived (speech frames only)
+    source: np.ndarray | None = None    # with source_rate: this frame's input at that rate, float32, only the samples
+                                        # taken from the input (empty for idle frames and fillers)
 
 
 @dataclass
@@ -79,34 +85,40 @@ class LiveStats:
 
 
 class _Input:
-    """Input audio at 16 kHz mono float32 with its arrival times, and the positions where speech segments end."""
+    """Input audio at 16 kHz mono float32 with its arrival times, and the positions where speech segments end. Each
+    chunk may carry the same audio at another rate (`source`), handed out in proportion to the 16 kHz samples taken."""
 
     def __init__(self):
-        self.chunks: collections.deque[np.ndarray] = collections.deque()
+        self.chunks: collections.deque[list] = collections.deque()     # [pcm16, source | None, used16, used_source]
         self.arrivals: collections.deque[float] = collections.deque()     # per chunk
         self.queued = 0
         self.ends: collections.deque[int] = collections.deque()    # sample counts (from the queue start) of ends
         self.speaking = False
+        self._held = _EMPTY          # source audio whose 16 kHz copy the resampler has not given out yet
 
-    def push(self, pcm: np.ndarray, arrival: float) -> None:
-        if len(pcm):
-            self.chunks.append(pcm)
+    def push(self, pcm: np.ndarray, arrival: float, source: np.ndarray | None = None) -> None:
+        if source is not None and len(self._held):
+            source, self._held = np.concatenate([self._held, source]), _EMPTY
+        if not len(pcm) and source is not None:
+            self._held = source
+        elif len(pcm):
+            self.chunks.append([pcm, source, 0, 0])
             self.arrivals.append(arrival)
             self.queued += len(pcm)
 
     def mark_end(self) -> None:
         self.ends.append(self.queued)
 
-    def take(self) -> tuple[np.ndarray, bool, bool, bool, float | None]:
-        """One tick's 640 samples -> (audio, speech, underrun, segment_end, arrival of its first sample)."""
+    def take(self) -> tuple[np.ndarray, np.ndarray, bool, bool, bool, float | None]:
+        """One tick's 640 samples -> (audio, source, speech, underrun, segment_end, arrival of its first sample)."""
         if not self.speaking and self.queued < ONSET_SAMPLES and not self.ends:
-            return np.zeros(FRAME_SAMPLES, np.float32), False, False, False, None
+            return np.zeros(FRAME_SAMPLES, np.float32), _EMPTY, False, False, False, None
         n = min(FRAME_SAMPLES, self.queued)
         if self.ends and self.ends[0] <= FRAME_SAMPLES:          # a segment ends inside this frame
             n = min(n, self.ends[0])
         out = np.zeros(FRAME_SAMPLES, np.float32)
         arrival = self.arrivals[0] if n else None
-        self._consume(n, out)
+        source = self._consume(n, out)
         self.ends = collections.deque(e - n for e in self.ends)
         ended = bool(self.ends) and self.ends[0] <= 0
         if ended:
@@ -114,23 +126,28 @@ class _Input:
         speech = n > 0
         underrun = self.speaking and n < FRAME_SAMPLES and not ended
         self.speaking = self.queued > 0 and not ended
-        return out, speech, underrun, ended, arrival
+        return out, source, speech, underrun, ended, arrival
 
-    def _consume(self, n: int, out: np.ndarray | None = None) -> None:
-        """Take the n oldest samples off the queue, copied into `out` when given."""
-        got = 0
+    def _consume(self, n: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Take the n oldest samples off the queue, copied into `out` when given; returns their source audio."""
+        got, sources = 0, []
         while got < n:
             chunk = self.chunks[0]
-            k = min(n - got, len(chunk))
+            pcm, source, used = chunk[0], chunk[1], chunk[2]
+            k = min(n - got, len(pcm) - used)
             if out is not None:
-                out[got:got + k] = chunk[:k]
+                out[got:got + k] = pcm[used:used + k]
+            if source is not None:
+                until = (used + k) * len(source) // len(pcm)
+                sources.append(source[chunk[3]:until])
+                chunk[3] = until
             got += k
-            if k == len(chunk):
+            chunk[2] = used + k
+            if chunk[2] == len(pcm):
                 self.chunks.popleft()
                 self.arrivals.popleft()
-            else:
-                self.chunks[0] = chunk[k:]
         self.queued -= n
+        return np.concatenate(sources) if sources else _EMPTY
 
     def drop(self, samples: int | None = None) -> int:
         """Drop `samples` from the front (all when None); returns how many 40 ms frames that was."""
@@ -143,17 +160,21 @@ class _Input:
         return math.ceil(n / FRAME_SAMPLES)
 
 
-class Resampler:
-    """Any-rate, any-layout PCM chunks -> float32 mono 16 kHz (PyAV's AudioResampler, stateful across chunks)."""
+_EMPTY = np.zeros(0, np.float32)
 
-    def __init__(self, sample_rate: int, channels: int = 1):
+
+class Resampler:
+    """Any-rate, any-layout PCM chunks -> float32 mono at `rate` (default 16 kHz): PyAV's AudioResampler, stateful
+    across chunks."""
+
+    def __init__(self, sample_rate: int, channels: int = 1, rate: int = SAMPLE_RATE):
         import av
-        self.rate, self.channels = int(sample_rate), int(channels)
+        self.rate, self.channels, self.out_rate = int(sample_rate), int(channels), int(rate)
         self._av = av
-        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=self.out_rate)
 
     def frame(self, frame) -> np.ndarray:
-        """A decoded av.AudioFrame (any format, layout and rate) -> float32 mono 16 kHz."""
+        """A decoded av.AudioFrame (any format, layout and rate) -> float32 mono at the output rate."""
         out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
         return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, np.float32)
 
@@ -162,8 +183,8 @@ class Resampler:
         pcm = np.asarray(pcm)
         if pcm.ndim == 1:
             pcm = pcm[None]
-        if pcm.shape[0] != self.channels:
-            raise ValueError(f"expected {self.channels} channel(s) [channels, n], got shape {pcm.shape}")
+        if pcm.ndim != 2 or pcm.shape[0] != self.channels:
+            raise ValueError(f"expected {self.channels} channel(s) as [channels, n], got shape {pcm.shape}")
         if pcm.dtype == np.int16:
             fmt, data = "s16p", np.ascontiguousarray(pcm)
         else:
@@ -174,12 +195,22 @@ class Resampler:
         return self.frame(frame)
 
 
+def _resampler(cache: dict, sample_rate: int, channels: int, rate: int, fmt: str | None = None) -> Resampler:
+    """The stateful resampler for one input format (kept while the format stays the same)."""
+    key = (sample_rate, channels, rate, fmt)
+    if key not in cache:
+        cache.clear()
+        cache[key] = Resampler(sample_rate, channels, rate)
+    return cache[key]
+
+
 class LiveStream:
     """One session on a 25 fps clock (see the module docstring). `delay_s`: the constant play delay D (default:
-    structural wait + a compute margin measured during warm-up); `clock`: a monotonic time source in seconds."""
+    structural wait + a compute margin measured during warm-up); `clock`: a monotonic time source in seconds;
+    `source_rate`: keep the input at this rate too, in each frame's `source` (see the module docstring)."""
 
     def __init__(self, session, *, delay_s: float | None = None, margin_s: float | None = None,
-                 clock=time.monotonic, warmup: bool = True, start: bool = True):
+                 clock=time.monotonic, warmup: bool = True, start: bool = True, source_rate: int | None = None):
         self.session = session
         cfg, stream = session.cfg, session.stream
         if cfg.sample_rate != SAMPLE_RATE or cfg.samples_per_frame != FRAME_SAMPLES or cfg.fps != FPS:
@@ -193,8 +224,11 @@ class LiveStream:
         self.stats_ = LiveStats()
         self._lock = threading.Lock()
         self._input = _Input()
-        self._resampler: Resampler | None = None
-        self._frame_resampler: tuple | None = None
+        if source_rate is not None and (not isinstance(source_rate, int) or not 8000 <= source_rate <= 192000):
+            raise ValueError(f"source_rate must be an int sample rate in 8000..192000 Hz, got {source_rate!r}")
+        self.source_rate = source_rate
+        self._resamplers: dict = {}           # input format -> Resampler to source_rate (or 16 kHz)
+        self._model_resampler: dict = {}      # source_rate -> 16 kHz
         self._ready: dict[int, LiveFrame] = {}          # slot -> frame, waiting for its play time
         self._audio: dict[int, tuple] = {}              # slot -> (audio, speech, segment_end) pushed, frame pending
         self._last_video = np.zeros((self.height, self.width, 3), np.uint8)
@@ -217,26 +251,30 @@ class LiveStream:
 
     # ------------------------------------------------------------------ input (any thread)
     def feed(self, pcm, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> None:
-        """Audio as it arrives: int16 or float32, [n] mono or [channels, n], at any rate (resampled to 16 kHz)."""
+        """Audio as it arrives: int16 or float32, [n] mono or [channels, n], at any rate (resampled with PyAV)."""
         pcm = np.asarray(pcm)
-        if sample_rate != SAMPLE_RATE or channels != 1 or pcm.ndim != 1:
-            if self._resampler is None or (self._resampler.rate, self._resampler.channels) != (sample_rate, channels):
-                self._resampler = Resampler(sample_rate, channels)
-            pcm = self._resampler(pcm)
+        rate = self.source_rate or SAMPLE_RATE
+        if sample_rate != rate or channels != 1 or pcm.ndim != 1:
+            pcm = _resampler(self._resamplers, sample_rate, channels, rate)(pcm)
         self._push(pcm)
 
     def feed_frame(self, frame) -> None:
-        """A decoded av.AudioFrame as it arrives (e.g. from a WebRTC track): resampled to 16 kHz mono."""
-        key = (frame.sample_rate, frame.layout.nb_channels, frame.format.name)
-        if self._frame_resampler is None or self._frame_resampler[0] != key:
-            self._frame_resampler = (key, Resampler(frame.sample_rate, frame.layout.nb_channels))
-        self._push(self._frame_resampler[1].frame(frame))
+        """A decoded av.AudioFrame as it arrives (e.g. from a WebRTC track): resampled to mono."""
+        rate = self.source_rate or SAMPLE_RATE
+        resample = _resampler(self._resamplers, frame.sample_rate, frame.layout.nb_channels, rate, frame.format.name)
+        self._push(resample.frame(frame))
 
     def _push(self, pcm: np.ndarray) -> None:
+        """pcm: mono float32 at source_rate (or 16 kHz without one)."""
         pcm = validate_pcm(pcm, allow_empty=True)          # the runtime's one level rule; NaN is refused
+        source = None
+        if self.source_rate is not None:
+            source = pcm
+            if self.source_rate != SAMPLE_RATE:
+                pcm = _resampler(self._model_resampler, self.source_rate, 1, SAMPLE_RATE)(pcm)
         now = self.clock()
         with self._lock:
-            self._input.push(pcm, now)
+            self._input.push(pcm, now, source)
 
     def end_segment(self) -> None:
         """The speech fed so far is a complete segment: its last frame carries `segment_end`."""
@@ -263,7 +301,7 @@ class LiveStream:
             if f is None:
                 self.stats_.fillers += 1
                 return LiveFrame(slot, self._last_video, np.zeros(FRAME_SAMPLES, np.float32), False,
-                                 self.play_time(slot), filler=True)
+                                 self.play_time(slot), filler=True, source=None if self.source_rate is None else _EMPTY)
             self._last_video = f.video
             return f
 
@@ -361,9 +399,9 @@ class LiveStream:
             self._restart(now, n)
             n = self._next_tick
         with self._lock:
-            audio, speech, underrun, ended, arrival = self._input.take()
+            audio, source, speech, underrun, ended, arrival = self._input.take()
             self.stats_.underruns += underrun
-            self._audio[n] = (audio, speech, ended, arrival)
+            self._audio[n] = (audio, source if self.source_rate is not None else None, speech, ended, arrival)
         start = time.perf_counter()
         frames = self.session.push_audio(audio).numpy()
         if len(frames):
@@ -386,12 +424,12 @@ class LiveStream:
                     self._last_video = video
                     continue
                 slot = self._s0 + v - 1
-                audio, speech, ended, arrival = self._audio.pop(slot)
+                audio, source, speech, ended, arrival = self._audio.pop(slot)
                 if now > self.play_time(slot):
                     self.stats_.late += 1
                     continue
                 self._ready[slot] = LiveFrame(slot, video, audio, speech, self.play_time(slot), segment_end=ended,
-                                              arrival=arrival)
+                                              arrival=arrival, source=source)
 
     def _restart(self, now: float, tick: int) -> None:
         """A new stream whose first audio is the current tick's: the input of the ticks the producer could not

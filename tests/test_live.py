@@ -193,3 +193,37 @@ def test_frames_iterator_paces_slots_on_the_real_clock(pipe):
     assert abs(np.median(gaps) - FRAME_S) < 0.01
     assert got[0][1] >= live.t0 + live.delay_s - 0.005
     assert live.stats()["frames"] == 30 and live.error is None
+
+
+def test_source_audio_at_the_callers_rate_is_handed_out_whole_and_in_order(pipe):
+    """With source_rate=24000, 24 kHz speech fed in odd-sized chunks comes back in the frames' `source`: every sample
+    once, in order (so playing the sources plays exactly what was fed), 960 samples per speech frame, empty on
+    idle frames; the 16 kHz model audio of each frame is the resampled copy of the same stretch."""
+    rng = np.random.default_rng(0)
+    t = np.arange(24000 * 2) / 24000
+    fed = (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    clock = FakeClock()
+    live = LiveStream(pipe.session(FACE), delay_s=1.0, clock=clock, warmup=False, start=False, source_rate=24000)
+    live.start(background=False)
+    i = 0
+    while i < len(fed):
+        n = int(rng.integers(1, 2000))
+        live.feed(fed[i:i + n], sample_rate=24000)
+        i += n
+    live.end_segment()
+    slots = 60
+    run_ticks(live, clock, slots + live.structural_frames + 1)
+    frames = play(live, clock, range(slots))
+    speech = [f for f in frames if f.speech]
+    assert not any(f.filler for f in frames)
+    got = np.concatenate([f.source for f in frames])
+    # all but the resampler's own look-back (held until more audio arrives) comes out, unchanged and in order
+    assert len(fed) - 64 <= len(got) <= len(fed) and np.array_equal(got, fed[:len(got)])
+    # 960 each, give or take the resampler's lag (under 1 ms) on the first frames
+    assert all(abs(len(f.source) - 960) <= 24 for f in speech[:-1]) and 0 < len(speech[-1].source) <= 960
+    assert all(len(f.source) == 0 for f in frames if not f.speech)
+    # each speech frame's model audio is the 16 kHz copy of its source stretch: compare the 300 Hz phase by energy
+    for f in speech[2:-2]:
+        assert abs(np.sqrt(np.mean(f.audio ** 2)) - np.sqrt(np.mean(f.source ** 2))) < 0.02
+    with pytest.raises(ValueError, match="source_rate"):
+        LiveStream(pipe.session(FACE), warmup=False, start=False, source_rate=24000.5)
