@@ -42,7 +42,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..config import TOY_ASSETS
-from ..live import LiveStream
+from ..live import LiveStream, live_session
 from ..media import load_image
 
 STATIC = Path(__file__).parent / "static"
@@ -241,10 +241,7 @@ class Hub:
     def __init__(self, pipe, *, max_sessions: int = 2, idle_timeout_s: float = IDLE_TIMEOUT_S,
                  faces: dict[str, Path] | None = None, compile: bool | None = None):
         self.pipe, self.max_sessions, self.idle_timeout_s = pipe, max_sessions, idle_timeout_s
-        # Sessions run the static-shape engine. On a CPU its step is compiled (torch.compile): the small models'
-        # steps are bound by Python dispatch, which compiling removes (toy-talker: ~36 ms a step instead of 60-80),
-        # and the compiled step is shared by every later session. On CUDA the engine's graphs do that already.
-        self.compile = pipe.device.type == "cpu" if compile is None else compile
+        self.compile = compile          # None: live_session's default (compiled on a CPU)
         self.faces = shipped_faces() if faces is None else faces
         self.sessions: dict[str, Session] = {}
         self.metrics = Metrics()
@@ -256,8 +253,7 @@ class Hub:
                             {"Retry-After": "5"})
         self._creating += 1
         try:
-            stream_session = await asyncio.to_thread(self.pipe.session, image, fit="crop", engine=True,
-                                                     compile=self.compile)
+            stream_session = await asyncio.to_thread(live_session, self.pipe, image, compile=self.compile)
         except (ValueError, TypeError) as err:
             raise HTTPError(400, f"the image cannot be used: {err}") from None
         finally:
@@ -272,7 +268,7 @@ class Hub:
         returns the seconds it took."""
         start = time.monotonic()
         face = next(iter(self.faces.values()))
-        LiveStream(self.pipe.session(face, fit="crop", engine=True, compile=self.compile), start=False)
+        LiveStream(live_session(self.pipe, face, compile=self.compile), start=False)
         return time.monotonic() - start
 
     def get(self, sid: str) -> Session:
