@@ -23,6 +23,8 @@ When compute falls behind (documented drop policy, every case counted in `stats(
   the audio of the ticks it skipped is dropped (`dropped_audio_frames`, `restarts`), and the slots before the new
   stream's first frame get fillers showing its first output, the reference reconstruction (a neutral face). The
   clock, D and the pairing stay. A machine too slow for real time so restarts about once a second of lag.
+- a speech segment whose last frame is lost (late, skipped or cut by such a restart) still ends: the next frame
+  handed out carries its `segment_end`, so whoever waits for the segment's end is not left waiting.
 `interrupt()` does the same restart, dropping all queued input audio and every frame made from it that has not been
 played: the audio stops at once, the face turns neutral at once, and idle motion follows one play delay later.
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import math
 import threading
 import time
@@ -156,6 +159,7 @@ class _Input:
         self.ends = collections.deque(e - n for e in self.ends if e - n > 0)
         if samples is None:
             self.ends.clear()
+            self._held = _EMPTY
         self.speaking = self.speaking and self.queued > 0
         return math.ceil(n / FRAME_SAMPLES)
 
@@ -204,6 +208,14 @@ def _resampler(cache: dict, sample_rate: int, channels: int, rate: int, fmt: str
     return cache[key]
 
 
+def freeze_heap() -> None:
+    """For a serving process, once its model is loaded: a full garbage collection of a process holding torch and a
+    model (~200k objects) stops every thread for 60-160 ms, and a live stream skips the frames it falls behind;
+    frozen, the long-lived objects are not scanned again."""
+    gc.collect()
+    gc.freeze()
+
+
 def live_session(pipe, image, *, compile: bool | None = None):
     """A session for live use: the static-shape engine, its step compiled (torch.compile) on a CPU by default (the
     small models' steps are bound by Python dispatch, which compiling removes; toy-talker: ~36 ms a step instead of
@@ -238,6 +250,7 @@ class LiveStream:
         self._resamplers: dict = {}           # input format -> Resampler to source_rate (or 16 kHz)
         self._model_resampler: dict = {}      # source_rate -> 16 kHz
         self._ready: dict[int, LiveFrame] = {}          # slot -> frame, waiting for its play time
+        self._lost_ends = 0                             # segment ends whose frames were lost, not yet handed out
         self._audio: dict[int, tuple] = {}              # slot -> (audio, speech, segment_end) pushed, frame pending
         self._last_video = np.zeros((self.height, self.width, 3), np.uint8)
         self._interrupt = False
@@ -295,7 +308,9 @@ class LiveStream:
         so do the frames of a step running meanwhile; the producer's next tick restarts the stream."""
         with self._lock:
             self._interrupt = True
+            self.stats_.dropped_audio_frames += self._input.drop()   # now: audio fed after this call is kept
             self._ready.clear()
+            self._lost_ends = 0
 
     @property
     def queued_s(self) -> float:
@@ -303,17 +318,23 @@ class LiveStream:
 
     # ------------------------------------------------------------------ output (the transport's event loop)
     def frame(self, slot: int) -> LiveFrame:
-        """Slot's frame if it is ready, else a filler (the last frame, silence); forgets older slots."""
+        """Slot's frame if it is ready, else a filler (the last frame, silence); forgets older slots. A segment end
+        whose frame was lost (late, skipped, or dropped by a restart for lag) goes with the next frame handed out, so
+        a consumer waiting for a segment to end is never left waiting."""
         with self._lock:
             for old in [s for s in self._ready if s < slot]:
-                del self._ready[old]
+                self._lost_ends += self._ready.pop(old).segment_end
             f = self._ready.pop(slot, None)
             self.stats_.frames += 1
             if f is None:
                 self.stats_.fillers += 1
-                return LiveFrame(slot, self._last_video, np.zeros(FRAME_SAMPLES, np.float32), False,
-                                 self.play_time(slot), filler=True, source=None if self.source_rate is None else _EMPTY)
-            self._last_video = f.video
+                f = LiveFrame(slot, self._last_video, np.zeros(FRAME_SAMPLES, np.float32), False,
+                              self.play_time(slot), filler=True, source=None if self.source_rate is None else _EMPTY)
+            else:
+                self._last_video = f.video
+            if self._lost_ends and not f.segment_end:      # a segment whose last frame was lost still ends
+                f.segment_end = True
+                self._lost_ends -= 1
             return f
 
     def play_time(self, slot: int) -> float:
@@ -400,14 +421,12 @@ class LiveStream:
         now = self.clock()
         with self._lock:
             interrupt, self._interrupt = self._interrupt, False
-            if interrupt:
-                self.stats_.interrupts += 1
-                self.stats_.dropped_audio_frames += self._input.drop()
+            self.stats_.interrupts += interrupt
         # A slow step or a restart's own burst of compute only costs a few fillers, and the producer catches up;
         # a lag past max(1 s, D) means it cannot keep up: the backlog goes, instead of queueing without bound.
         behind = now - (self.t0 + n * FRAME_S) > max(MAX_LAG_S, self.delay_s)
         if interrupt or behind:
-            self._restart(now, n)
+            self._restart(now, n, interrupt)
             n = self._next_tick
         with self._lock:
             audio, source, speech, underrun, ended, arrival = self._input.take()
@@ -440,21 +459,28 @@ class LiveStream:
                 audio, source, speech, ended, arrival = self._audio.pop(slot)
                 if now > self.play_time(slot):
                     self.stats_.late += 1
+                    self._lost_ends += ended
                     continue
                 self._ready[slot] = LiveFrame(slot, video, audio, speech, self.play_time(slot), segment_end=ended,
                                               arrival=arrival, source=source)
 
-    def _restart(self, now: float, tick: int) -> None:
+    def _restart(self, now: float, tick: int, interrupt: bool = False) -> None:
         """A new stream whose first audio is the current tick's: the input of the ticks the producer could not
-        process is dropped, and the frames not played yet are forgotten, so the slots up to the new stream's first
+        process is dropped (not after an interrupt: that input came after it), and the frames not played yet are
+        forgotten, so the slots up to the new stream's first
         frame get fillers, which show its first output, the reference reconstruction (a neutral face), at once."""
         self.session.reset()
         current = max(tick, int((now - self.t0) / FRAME_S))
         play_slot = max(0, math.ceil((now - self.t0 - self.delay_s) / FRAME_S))
         with self._lock:
             self.stats_.restarts += 1
-            self.stats_.dropped_audio_frames += self._input.drop((current - tick) * FRAME_SAMPLES)
+            ends = len(self._input.ends)
+            if not interrupt:        # an interrupt dropped its input when called; what came since is new speech
+                self.stats_.dropped_audio_frames += self._input.drop((current - tick) * FRAME_SAMPLES)
+            lost = ends - len(self._input.ends) + sum(ended for _, _, _, ended, _ in self._audio.values())
             for slot in [s for s in self._ready if s >= play_slot]:
-                del self._ready[slot]
+                lost += self._ready.pop(slot).segment_end
             self._audio.clear()
+            # segments cut by falling behind still end (with the next frame); an interrupt's segments do not
+            self._lost_ends = 0 if interrupt else self._lost_ends + lost
         self._s0 = self._next_tick = current

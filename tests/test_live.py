@@ -227,3 +227,35 @@ def test_source_audio_at_the_callers_rate_is_handed_out_whole_and_in_order(pipe)
         assert abs(np.sqrt(np.mean(f.audio ** 2)) - np.sqrt(np.mean(f.source ** 2))) < 0.02
     with pytest.raises(ValueError, match="source_rate"):
         LiveStream(pipe.session(FACE), warmup=False, start=False, source_rate=24000.5)
+
+
+def test_a_segment_whose_last_frame_is_lost_still_ends(pipe, speech):
+    """A producer running 0.5 s late (not enough to restart) makes every frame late, the segment's last included:
+    they are dropped, and the next frame handed out (a filler) carries the segment's end, once, so a consumer
+    waiting for the segment to end (LiveKit's playback_finished, Pipecat's TTSStoppedFrame) is not left waiting."""
+    clock = FakeClock()
+    live = live_on(pipe, clock)
+    live.feed(speech[:FRAME_SAMPLES * 10])
+    live.end_segment()
+    for _ in range(40):
+        clock.now = live.t0 + live._next_tick * FRAME_S + 0.5
+        live.tick()
+    frames = play(live, clock, range(30, 34))
+    assert live.stats()["late"] > 10 and all(f.filler for f in frames)
+    assert [f.segment_end for f in frames] == [True, False, False, False]
+
+
+def test_speech_fed_right_after_an_interrupt_is_kept(pipe, speech):
+    """interrupt() drops what is queued when it is called, not when the producer gets to it: speech fed between
+    the call and the producer's next tick (a step may be running) is the new stream's first audio."""
+    clock = FakeClock()
+    live = live_on(pipe, clock)
+    live.feed(speech[:16000])
+    run_ticks(live, clock, 10)
+    live.interrupt()
+    fresh = speech[16000:16000 + FRAME_SAMPLES * 5]
+    live.feed(fresh)
+    run_ticks(live, clock, 40)
+    frames = play(live, clock, range(0, 50))
+    spoken = np.concatenate([f.audio for f in frames if f.speech])
+    assert np.array_equal(spoken, fresh) and live.stats()["dropped_audio_frames"] == 15
