@@ -40,7 +40,7 @@ from livekit.agents.voice.avatar import (AudioSegmentEnd, AvatarOptions, AvatarR
                                          VideoGenerator)
 
 from ..config import TOY_ASSETS
-from ..live import FPS, LiveStream, live_session
+from ..live import FPS, LiveStream, freeze_heap, live_session
 
 AGENT_NAME = "avatarforcing"            # the agent name avatar servers register under (launch="dispatch")
 ON_BEHALF = "lk.publish_on_behalf"      # participant attribute: the agent whose speech the avatar plays
@@ -336,6 +336,7 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    freeze_heap()
     if args.mode == "serve":
         server = make_server(pipe, capacity=args.capacity, image=image, agent_name=args.agent_name)
         asyncio.run(server.run())
