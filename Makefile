@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LOCK := requirements-lock.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
-EXTRAS := test,export,train,serve,livekit,pipecat
+EXTRAS := test,export,train,serve,livekit,pipecat,ray
 PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.7.0
 # Exact versions the lock holds where the newest in range is not the one wanted: transformers 4.49.0 is the version

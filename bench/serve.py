@@ -2,6 +2,7 @@
 gets.
 
     python -m bench.serve [--preset toy-talker] [--seconds 60] [--sessions 1,2] [--device cpu] [--json-out FILE]
+    python -m bench.serve --ray [--replicas 2] [--sessions-per-replica 1] --sessions 1,2    # on Ray Serve
 
 For each session count K, `python -m runtime.serve` is started on 127.0.0.1 in its own process (as deployed), K
 aiortc clients connect at once from this process and each sends speech (the shipped clip, repeated) as its
@@ -11,7 +12,8 @@ microphone in real time for --seconds, then:
   sent audio maps each received frame back to the sent sample that drove it, and the delay is the frame's arrival
   time minus that sample's send time (p50 / p99 over frames);
 - sustained fps (received video frames over the run) and the server's drop counters (fillers, late frames);
-- CPU use of the server process over the run (user + system seconds / wall seconds, so 2.0 = two cores busy).
+- CPU use of the server process over the run (user + system seconds / wall seconds, so 2.0 = two cores busy);
+  with --ray, of the whole machine (the replicas are processes of their own; the clients are counted too).
 One table, then one JSON line last. `run_client` is the client the serving tests use too.
 """
 from __future__ import annotations
@@ -88,10 +90,11 @@ def make_tracks():
 
 async def run_client(base_url: str, pcm: np.ndarray, seconds: float, *, token: str | None = None,
                      session_body: dict | None = None, interrupt_at: float | None = None,
-                     disconnect: bool = False) -> ClientResult:
+                     disconnect: bool = False, on_start=None) -> ClientResult:
     """One WebRTC client: creates a session, sends `pcm` (16 kHz float32, looped) as its microphone for `seconds`,
     records the video and audio it receives with their arrival times. `interrupt_at`: seconds into the call at which
-    it sends {"type": "interrupt"}. `disconnect`: close the connection without DELETE (a client that goes away)."""
+    it sends {"type": "interrupt"}. `disconnect`: close the connection without DELETE (a client that goes away).
+    `on_start(result)`: called once the connection is set up (result.session holds the session's info)."""
     import httpx
     from aiortc import RTCPeerConnection, RTCSessionDescription
     from aiortc.mediastreams import MediaStreamError
@@ -131,6 +134,8 @@ async def run_client(base_url: str, pcm: np.ndarray, seconds: float, *, token: s
                                    json={"sdp": pc.localDescription.sdp, "type": pc.localDescription.type})
         response.raise_for_status()
         await pc.setRemoteDescription(RTCSessionDescription(**response.json()))
+        if on_start is not None:
+            on_start(result)
         start = time.monotonic()
         if interrupt_at is not None:
             await asyncio.sleep(interrupt_at)
@@ -247,15 +252,29 @@ def pct(values, q):
     return float(np.percentile(values, q)) if len(values) else None
 
 
-def measure(preset: str, device, pcm, sessions: int, seconds: float) -> dict:
-    args = ["--preset", preset, "--device", str(device), "--max-sessions", str(sessions)]
+def machine_busy_seconds() -> float:
+    """CPU seconds spent busy by the whole machine so far, summed over cores (Linux /proc/stat)."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")      # minus idle and iowait
+
+
+def measure(preset: str, device, pcm, sessions: int, seconds: float, ray: tuple[int, int] | None = None) -> dict:
+    """`sessions` clients at once for `seconds` against `python -m runtime.serve` (or, with ray=(replicas, K),
+    its Ray Serve deployment: replicas run in their own processes, so CPU is the machine's, clients included)."""
+    if ray is None:
+        args = ["--preset", preset, "--device", str(device), "--max-sessions", str(sessions)]
+        cpu = cpu_seconds
+    else:
+        args = ["--preset", preset, "--device", str(device), "--ray", "--replicas", str(ray[0]),
+                "--sessions-per-replica", str(ray[1])]
+        cpu = lambda pid: machine_busy_seconds()          # noqa: E731
     with server_process(args) as (url, pid):
-        cpu0, wall0 = cpu_seconds(pid), time.monotonic()
+        cpu0, wall0 = cpu(pid), time.monotonic()
 
         async def clients():
             return await asyncio.gather(*(run_client(url, pcm, seconds) for _ in range(sessions)))
         results = asyncio.run(clients())
-        cpu1, wall1 = cpu_seconds(pid), time.monotonic()
+        cpu1, wall1 = cpu(pid), time.monotonic()
     delays = np.concatenate([speech_delays(r) for r in results])
     last = [r.stats[-1] if r.stats else {} for r in results]
     return dict(sessions=sessions, seconds=seconds,
@@ -273,8 +292,13 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--sessions", default="1,2", help="comma-separated session counts to measure")
     p.add_argument("--device", default=None)
+    p.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve (python -m runtime.serve --ray); CPU is then the whole machine's")
+    p.add_argument("--replicas", type=int, default=2, help="with --ray: replicas (default 2)")
+    p.add_argument("--sessions-per-replica", type=int, default=1, help="with --ray: slots per replica (default 1)")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
+    ray = (args.replicas, args.sessions_per_replica) if args.ray else None
     import platform
 
     import torch
@@ -284,18 +308,20 @@ def main(argv=None) -> int:
     from runtime.pipeline import resolve_device
     device = resolve_device(args.device)
     pcm = load_audio(TOY_ASSETS / "hello.wav")
-    rows = [measure(args.preset, device, pcm, int(k), args.seconds) for k in args.sessions.split(",")]
+    rows = [measure(args.preset, device, pcm, int(k), args.seconds, ray) for k in args.sessions.split(",")]
     hardware = torch.cuda.get_device_name() if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    print(f"live serving | preset {args.preset} | {device} | {hardware} | {args.seconds:.0f} s per run")
+    where = f"Ray Serve, {ray[0]} replicas x {ray[1]} slots" if ray else "one server process"
+    print(f"live serving | {where} | preset {args.preset} | {device} | {hardware} | {args.seconds:.0f} s per run")
     print(f"{'sessions':>8}{'fps each':>16}{'delay p50 ms':>14}{'p99 ms':>9}{'fillers':>12}{'late':>10}"
-          f"{'server CPU':>12}")
+          f"{'machine CPU' if ray else 'server CPU':>12}")
     for r in rows:
         fmt = lambda v: "-" if v is None else f"{v:.0f}"   # noqa: E731
         print(f"{r['sessions']:>8}{'/'.join(f'{x:.1f}' for x in r['fps']):>16}{fmt(r['delay_ms_p50']):>14}"
               f"{fmt(r['delay_ms_p99']):>9}{'/'.join(map(str, r['fillers'])):>12}{'/'.join(map(str, r['late'])):>10}"
               f"{r['server_cpu_cores_busy']:>12.2f}")
-    return emit(dict(bench="serve", preset=args.preset, device=str(device), hardware=hardware, rows=rows),
+    return emit(dict(bench="serve", preset=args.preset, device=str(device), hardware=hardware, rows=rows,
+                     ray=dict(replicas=ray[0], sessions_per_replica=ray[1]) if ray else None),
                 args.json_out)
 
 

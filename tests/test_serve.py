@@ -204,3 +204,25 @@ def test_token_guards_every_endpoint(pipe):
         assert http.get("/healthz", headers=auth).status_code == 200
         assert http.get(f"/?token={TOKEN}").status_code == 200             # the page, opened by a browser
         assert http.get(f"/healthz?token={TOKEN}").status_code == 401        # the query token is for the page only
+
+
+def test_session_events_tell_the_client_why_its_session_ended(server):
+    """GET /api/sessions/{id}/events is a server-sent event stream with one `ended` event carrying the reason."""
+    url, hub = server
+    with httpx.Client(base_url=url, timeout=30) as http:
+        assert http.get("/api/sessions/nope/events").status_code == 404
+        sid = http.post("/api/sessions", json={}).json()["id"]
+        got = {}
+
+        def listen():
+            with httpx.stream("GET", f"{url}/api/sessions/{sid}/events", timeout=30) as response:
+                got["type"] = response.headers["content-type"]
+                got["text"] = "".join(response.iter_text())
+
+        listener = threading.Thread(target=listen)
+        listener.start()
+        time.sleep(0.5)
+        assert http.delete(f"/api/sessions/{sid}").status_code == 200
+        listener.join(timeout=10)
+    assert got["type"].startswith("text/event-stream")
+    assert got["text"].startswith("event: ended\ndata: ") and '"reason": "deleted"' in got["text"]

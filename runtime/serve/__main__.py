@@ -2,6 +2,7 @@
 
     python -m runtime.serve                                   # the shipped toy-talker on 127.0.0.1:8080
     python -m runtime.serve --preset wan-1.3b --weights DIR --device cuda --host 0.0.0.0 --token SECRET
+    python -m runtime.serve --ray --replicas 2 --sessions-per-replica 2      # Ray Serve, a local Ray instance
 
 Open http://127.0.0.1:8080/ (with --token: http://127.0.0.1:8080/?token=SECRET), pick a face, press Start, speak.
 Exit codes: 0 after a clean stop (Ctrl-C), 2 for bad arguments or a missing extra (the message says what to do).
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,6 +35,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-sessions", type=int, default=2, help="concurrent sessions (503 past it; default 2)")
     p.add_argument("--idle-timeout", type=float, default=30.0,
                    help="seconds without an offer or client audio before a session is ended (default 30)")
+    # scale-out
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas of the model, sessions spread "
+                                                     "over them (runtime/serve/ray_app.py; the 'ray' extra)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (one GPU each on CUDA; default 1)")
+    p.add_argument("--max-replicas", type=int, default=None,
+                   help="with --ray: autoscale on sessions per replica from --replicas up to this many")
+    p.add_argument("--sessions-per-replica", type=int, default=2, help="with --ray: sessions per replica (default 2)")
     return p.parse_args(argv)
 
 
@@ -43,11 +53,14 @@ def main(argv=None) -> int:
     try:
         import uvicorn
 
+        from ..live import freeze_heap
         from .app import Hub, create_app
     except ImportError as err:
         print(f"error: the live server needs the 'serve' extra ({err.name} is missing): pip install -e '.[serve]'",
               file=sys.stderr)
         return 2
+    if args.ray:
+        return serve_on_ray(args)
     from ..generate import build_pipeline, device_and_dtype
     try:
         device, dtype = device_and_dtype(args.device, None)
@@ -58,11 +71,47 @@ def main(argv=None) -> int:
     hub = Hub(pipe, max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout, compile=args.compile)
     print("warming up the model (compiling its step takes up to a minute on a small CPU) ...", file=sys.stderr)
     print(f"warm in {hub.warm_up():.1f} s", file=sys.stderr)
+    freeze_heap()
     app = create_app(hub, token=args.token, cors_origins=args.cors_origin or None)
     shown = f"http://{args.host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
     print(f"serving {pipe.config.name} on {shown} (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def serve_on_ray(args) -> int:
+    if args.replicas < 1 or args.sessions_per_replica < 1 or (args.max_replicas or args.replicas) < args.replicas:
+        print("error: --replicas and --sessions-per-replica must be >= 1, --max-replicas >= --replicas",
+              file=sys.stderr)
+        return 2
+    try:
+        import ray
+        from ray import serve
+
+        from .ray_app import build_app, wait_ready
+    except ImportError as err:
+        print(f"error: --ray needs the 'ray' extra ({err.name} is missing): pip install -e '.[serve,ray]'",
+              file=sys.stderr)
+        return 2
+    ray.init(include_dashboard=False)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))        # a stop also shuts the local Ray instance down
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(replicas=args.replicas, max_replicas=args.max_replicas,
+                            sessions_per_replica=args.sessions_per_replica, preset=args.preset, weights=args.weights,
+                            device=args.device, compile=args.compile, token=args.token,
+                            idle_timeout_s=args.idle_timeout), name="avatar", route_prefix="/", blocking=False)
+        url = f"http://{args.host}:{args.port}/"
+        print("starting the replicas (each loads and warms up the model) ...", file=sys.stderr)
+        wait_ready(url)
+        print(f"serving on {url} with Ray Serve (Ctrl-C stops)", file=sys.stderr)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 if __name__ == "__main__":

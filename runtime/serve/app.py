@@ -12,6 +12,9 @@ which a browser opens without headers):
     POST /api/sessions                JSON {} or {"face": name}, or multipart with an `image` file -> {"id", ...}
     POST /api/sessions/{id}/offer     {"sdp", "type": "offer"} -> {"sdp", "type": "answer"}; the client sends one
                                       audio track (its microphone) and receives one video and one audio track
+    GET  /api/sessions/{id}/events    server-sent events: `ended` with {"id", "reason"} when the session ends (deleted,
+                                      idle timeout, connection closed, server stopped, or under Ray Serve: its
+                                      replica failed)
     DELETE /api/sessions/{id}
 A data channel "control" carries {"type": "interrupt"} from the client and {"type": "stats", ...} once a second
 from the server. Bad input is a 4xx with {"error": message}; past `max_sessions` a 503 with Retry-After.
@@ -38,7 +41,7 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..config import TOY_ASSETS
@@ -127,6 +130,8 @@ class Session:
         self.tasks: list[asyncio.Task] = []
         self.control = None
         self.closed = False
+        self.ended = asyncio.Event()
+        self.reason = "ended"
 
     def info(self) -> dict:
         cfg = self.session.cfg
@@ -162,7 +167,7 @@ class Session:
         @pc.on("connectionstatechange")
         async def on_state():
             if pc.connectionState in ("failed", "closed"):
-                await self.hub.remove(self.id)
+                await self.hub.remove(self.id, f"the connection {pc.connectionState}")
 
         try:
             await pc.setRemoteDescription(offer)
@@ -205,7 +210,7 @@ class Session:
                 if f.arrival is not None:
                     metrics.delay_ms.observe((self.live.clock() - f.arrival) * 1e3)
         except RuntimeError:                       # the producer stopped (its error is in self.live.error)
-            asyncio.ensure_future(self.hub.remove(self.id))
+            asyncio.ensure_future(self.hub.remove(self.id, f"the live stream failed: {self.live.error}"))
 
     async def _report(self) -> None:
         """Stats on the control channel once a second: fps over the last second, delay, drops."""
@@ -219,10 +224,11 @@ class Session:
             if self.control is not None and self.control.readyState == "open":
                 self.control.send(json.dumps({"type": "stats", "fps": round(fps, 2), **stats}))
 
-    async def close(self) -> None:
+    async def close(self, reason: str = "ended") -> None:
         if self.closed:
             return
-        self.closed = True
+        self.closed, self.reason = True, reason
+        self.ended.set()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -236,18 +242,25 @@ class Session:
 
 
 class Hub:
-    """The server's state: one loaded pipeline shared by every session, the sessions, limits and metrics."""
+    """The server's state: one loaded pipeline shared by every session, the sessions, limits and metrics. create_app
+    uses it through create / offer / remove / ended / health / metrics_text / faces (runtime/serve/ray_app.py
+    provides the same for sessions spread over Ray Serve replicas). `sid_prefix` starts every session id."""
 
     def __init__(self, pipe, *, max_sessions: int = 2, idle_timeout_s: float = IDLE_TIMEOUT_S,
-                 faces: dict[str, Path] | None = None, compile: bool | None = None):
+                 faces: dict[str, Path] | None = None, compile: bool | None = None, sid_prefix: str = ""):
         self.pipe, self.max_sessions, self.idle_timeout_s = pipe, max_sessions, idle_timeout_s
         self.compile = compile          # None: live_session's default (compiled on a CPU)
         self.faces = shipped_faces() if faces is None else faces
+        self.sid_prefix = sid_prefix
         self.sessions: dict[str, Session] = {}
         self.metrics = Metrics()
         self._creating = 0
+        self.accepting = True           # False while draining: no new sessions, the existing ones go on
 
-    async def create(self, image) -> Session:
+    async def create(self, image) -> dict:
+        """A new session for `image` (a path or a decoded image) -> its info {"id", "width", ...}."""
+        if not self.accepting:
+            raise HTTPError(503, "this server is draining: it takes no new sessions", {"Retry-After": "5"})
         if len(self.sessions) + self._creating >= self.max_sessions:
             raise HTTPError(503, f"all {self.max_sessions} session slots are in use; retry later",
                             {"Retry-After": "5"})
@@ -258,10 +271,33 @@ class Hub:
             raise HTTPError(400, f"the image cannot be used: {err}") from None
         finally:
             self._creating -= 1
-        sid = secrets.token_urlsafe(12)
+        sid = self.sid_prefix + secrets.token_urlsafe(12)
         self.sessions[sid] = Session(self, sid, stream_session)
         self.metrics.sessions.set(len(self.sessions))
-        return self.sessions[sid]
+        return self.sessions[sid].info()
+
+    async def offer(self, sid: str, sdp: str) -> dict:
+        """The client's SDP offer -> the answer {"sdp", "type"}; a failed first offer ends the session."""
+        session = self.get(sid)
+        try:
+            answer = await session.answer(RTCSessionDescription(sdp=sdp, type="offer"))
+        except HTTPError as err:
+            if err.status != 409:                  # a failed first offer leaves a half-made connection: end it
+                await self.remove(sid, "the offer failed")
+            raise
+        return {"sdp": answer.sdp, "type": answer.type}
+
+    async def ended(self, sid: str) -> dict:
+        """Waits until the session ends -> {"id", "reason"}."""
+        session = self.get(sid)
+        await session.ended.wait()
+        return {"id": sid, "reason": session.reason}
+
+    def health(self) -> dict:
+        return {"ok": True, "sessions": len(self.sessions), "max_sessions": self.max_sessions}
+
+    def metrics_text(self) -> bytes:
+        return generate_latest(self.metrics.registry)
 
     def warm_up(self) -> float:
         """Compile and warm the engine once on a shipped face, so that the first client does not wait for it;
@@ -276,12 +312,12 @@ class Hub:
             raise HTTPError(404, f"no session {sid!r}: it ended or never existed")
         return self.sessions[sid]
 
-    async def remove(self, sid: str) -> bool:
+    async def remove(self, sid: str, reason: str = "deleted") -> bool:
         session = self.sessions.pop(sid, None)
         self.metrics.sessions.set(len(self.sessions))
         if session is None:
             return False
-        await session.close()
+        await session.close(reason)
         return True
 
     async def sweep(self) -> None:
@@ -291,11 +327,11 @@ class Hub:
             now = time.monotonic()
             for sid, s in list(self.sessions.items()):
                 if now - s.last_active > self.idle_timeout_s:
-                    await self.remove(sid)
+                    await self.remove(sid, "idle timeout")
 
     async def close(self) -> None:
         for sid in list(self.sessions):
-            await self.remove(sid)
+            await self.remove(sid, "the server stopped")
 
 
 def create_app(hub: Hub, *, token: str | None = None, cors_origins: list[str] | None = None) -> FastAPI:
@@ -331,11 +367,11 @@ def create_app(hub: Hub, *, token: str | None = None, cors_origins: list[str] | 
 
     @app.get("/healthz")
     async def healthz():
-        return {"ok": True, "sessions": len(hub.sessions), "max_sessions": hub.max_sessions}
+        return await _maybe_await(hub.health())
 
     @app.get("/metrics")
     async def metrics():
-        return Response(generate_latest(hub.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await _maybe_await(hub.metrics_text()), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/faces")
     async def faces():
@@ -350,22 +386,31 @@ def create_app(hub: Hub, *, token: str | None = None, cors_origins: list[str] | 
     @app.post("/api/sessions")
     async def create_session(request: Request):
         image = await _session_image(request, hub)
-        session = await hub.create(image)
-        return session.info()
+        return await hub.create(image)
 
     @app.post("/api/sessions/{sid}/offer")
     async def offer(sid: str, request: Request):
-        session = hub.get(sid)
         body = await _json(request)
         if not isinstance(body, dict) or body.get("type") != "offer" or not isinstance(body.get("sdp"), str):
             raise HTTPError(400, 'expected {"sdp": "...", "type": "offer"}')
-        try:
-            answer = await session.answer(RTCSessionDescription(sdp=body["sdp"], type="offer"))
-        except HTTPError as err:
-            if err.status != 409:                  # a failed first offer leaves a half-made connection: end it
-                await hub.remove(sid)
-            raise
-        return {"sdp": answer.sdp, "type": answer.type}
+        return await hub.offer(sid, body["sdp"])
+
+    @app.get("/api/sessions/{sid}/events")
+    async def events(sid: str):
+        """Server-sent events: one `ended` event ({"id", "reason"}) when the session ends for any reason."""
+        end = asyncio.ensure_future(hub.ended(sid))
+        await asyncio.wait([end], timeout=0)              # an unknown id is a 404 now, not inside the stream
+        if end.done() and end.exception() is not None:
+            raise end.exception()
+
+        async def stream():
+            try:
+                yield f"event: ended\ndata: {json.dumps(await end)}\n\n"
+            except HTTPError as err:
+                yield f"event: ended\ndata: {json.dumps({'id': sid, 'reason': err.message})}\n\n"
+            finally:
+                end.cancel()
+        return StreamingResponse(stream(), media_type="text/event-stream")
 
     @app.delete("/api/sessions/{sid}")
     async def delete_session(sid: str):
@@ -374,6 +419,10 @@ def create_app(hub: Hub, *, token: str | None = None, cors_origins: list[str] | 
         return {"deleted": sid}
 
     return app
+
+
+async def _maybe_await(value):
+    return await value if asyncio.iscoroutine(value) else value
 
 
 def _authorized(request: Request, token: str) -> bool:
