@@ -269,6 +269,9 @@ def measure(preset: str, device, pcm, sessions: int, seconds: float, ray: tuple[
                 "--sessions-per-replica", str(ray[1])]
         cpu = lambda pid: machine_busy_seconds()          # noqa: E731
     with server_process(args) as (url, pid):
+        if ray is not None:
+            from runtime.serve.ray_app import wait_ready
+            wait_ready(url, ray[0])             # every replica up (each warms up its model first)
         cpu0, wall0 = cpu(pid), time.monotonic()
 
         async def clients():

@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 from ray import serve  # noqa: E402
 
 from bench.serve import run_client  # noqa: E402
-from runtime.serve.ray_app import replica_of, wait_ready  # noqa: E402
+from runtime.serve.ray_app import replica_of, running_replicas, wait_ready  # noqa: E402
 
 PORT = 8765
 URL = f"http://127.0.0.1:{PORT}"
@@ -41,7 +41,7 @@ def cluster():
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         deploy(2)
-        wait_ready(URL, timeout_s=240)
+        wait_ready(URL, 2, timeout_s=240)
         yield
     finally:
         serve.shutdown()
@@ -57,11 +57,6 @@ def replica_actors() -> dict[str, str]:
     """Replica id -> actor name, for the live AvatarReplica actors."""
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "AvatarReplica" in a["name"]]
     return {name.rsplit("#", 1)[-1]: name for name in names}
-
-
-def running_replicas() -> int:
-    app = serve.status().applications.get("avatar")
-    return 0 if app is None else app.deployments["AvatarReplica"].replica_states.get("RUNNING", 0)
 
 
 def wait_serving(n: int, timeout: float = 120.0) -> None:
@@ -114,7 +109,7 @@ def test_sessions_spread_over_replicas_stay_there_and_a_full_service_answers_503
     for result in (a, b):                     # media from the replica that answered the offer, for the whole call
         assert len(result.video) >= 75 and result.fps() > 15, (len(result.video), result.fps())
     assert full.status_code == 503 and full.headers["retry-after"] == "5" and "error" in full.json()
-    assert health["sessions"] == 2
+    assert health["ok"] and health["sessions"] == 2 and health["replicas"] == 2
 
 
 def test_a_replica_that_dies_ends_its_sessions_and_the_others_stream_on(cluster):

@@ -103,7 +103,7 @@ def serve_on_ray(args) -> int:
                             idle_timeout_s=args.idle_timeout), name="avatar", route_prefix="/", blocking=False)
         url = f"http://{args.host}:{args.port}/"
         print("starting the replicas (each loads and warms up the model) ...", file=sys.stderr)
-        wait_ready(url)
+        wait_ready(url, args.replicas)
         print(f"serving on {url} with Ray Serve (Ctrl-C stops)", file=sys.stderr)
         while True:
             time.sleep(3600)

@@ -6,7 +6,8 @@
 Endpoints (all under the token when one is set: `Authorization: Bearer T`, or `?token=T` for the page itself,
 which a browser opens without headers):
     GET  /                            the page (runtime/serve/static/index.html)
-    GET  /healthz                     {"ok": true, "sessions": n, "max_sessions": k}
+    GET  /healthz                     {"ok": true, "sessions": n, "max_sessions": k}; 503 with "ok": false while
+                                      it cannot take sessions (under Ray Serve: no replica ready yet)
     GET  /metrics                     Prometheus text: sessions, frames, dropped frames, step ms, delay
     GET  /api/faces                   the shipped faces: [{"name", "url"}]; GET /api/faces/{name}: the PNG
     POST /api/sessions                JSON {} or {"face": name}, or multipart with an `image` file -> {"id", ...}
@@ -255,12 +256,9 @@ class Hub:
         self.sessions: dict[str, Session] = {}
         self.metrics = Metrics()
         self._creating = 0
-        self.accepting = True           # False while draining: no new sessions, the existing ones go on
 
     async def create(self, image) -> dict:
         """A new session for `image` (a path or a decoded image) -> its info {"id", "width", ...}."""
-        if not self.accepting:
-            raise HTTPError(503, "this server is draining: it takes no new sessions", {"Retry-After": "5"})
         if len(self.sessions) + self._creating >= self.max_sessions:
             raise HTTPError(503, f"all {self.max_sessions} session slots are in use; retry later",
                             {"Retry-After": "5"})
@@ -293,7 +291,7 @@ class Hub:
         await session.ended.wait()
         return {"id": sid, "reason": session.reason}
 
-    def health(self) -> dict:
+    async def health(self) -> dict:
         return {"ok": True, "sessions": len(self.sessions), "max_sessions": self.max_sessions}
 
     def metrics_text(self) -> bytes:
@@ -367,11 +365,12 @@ def create_app(hub: Hub, *, token: str | None = None, cors_origins: list[str] | 
 
     @app.get("/healthz")
     async def healthz():
-        return await _maybe_await(hub.health())
+        health = await hub.health()
+        return JSONResponse(health, status_code=200 if health["ok"] else 503)
 
     @app.get("/metrics")
     async def metrics():
-        return Response(await _maybe_await(hub.metrics_text()), media_type=CONTENT_TYPE_LATEST)
+        return Response(hub.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/faces")
     async def faces():
@@ -419,10 +418,6 @@ def create_app(hub: Hub, *, token: str | None = None, cors_origins: list[str] | 
         return {"deleted": sid}
 
     return app
-
-
-async def _maybe_await(value):
-    return await value if asyncio.iscoroutine(value) else value
 
 
 def _authorized(request: Request, token: str) -> bool:

@@ -13,7 +13,7 @@ Routing. A session lives on one replica for its whole life (its KV cache, ring a
 later request for it must reach that replica. The session id starts with the replica's id ("<replica>.<secret>")
 and a Serve request router (`SessionRouter`, Serve's own extension point for routing) sends offer, delete and
 events to the replica named in the id; a new session goes to the replica with the most free slots, from the
-routing stats every replica reports each second ({"sessions", "capacity", "accepting"}). Chosen over a registry
+routing stats every replica reports each second ({"sessions", "capacity"}). Chosen over a registry
 actor (one more actor to keep alive and consistent, on the signalling path) and over per-replica handles (Serve does
 not hand them out): the id carries the placement, so the ingress keeps no routing state and can itself be
 replicated.
@@ -28,14 +28,18 @@ session ends, so Serve itself sees a replica's sessions as its ongoing requests:
   `ended` event ({"reason": "its replica failed ..."}) on GET /api/sessions/{id}/events, and their slots go with the
   replica (Serve starts a fresh one). Health checks: Serve calls `check_health` every few seconds; a replica whose
   event loop is stuck or whose model broke is restarted.
-When every replica is full (or draining), creating a session is a 503 with Retry-After.
+When every replica is full (a replica that is stopping takes none), creating a session is a 503 with Retry-After.
 """
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -50,13 +54,22 @@ CONTROL_REQUESTS = 16        # room for create/offer/delete/stats calls beside t
 MAX_INGRESS_REQUESTS = 10000     # per ingress replica: every session holds a call and usually an event stream
 
 
+def running_replicas(app: str = "avatar") -> int:
+    """AvatarReplica replicas of the application that are running (Serve's controller says)."""
+    status = serve.status().applications.get(app)
+    if status is None or "AvatarReplica" not in status.deployments:
+        return 0
+    return status.deployments["AvatarReplica"].replica_states.get("RUNNING", 0)
+
+
 def replica_of(sid: str) -> str:
     return sid.split(SEP, 1)[0] if SEP in sid else ""
 
 
 class SessionRouter(RequestRouter):
     """Offer, delete, hold and events go to the replica named in the session id; `create` to the replica with the
-    most free slots that accepts sessions (replicas the caller already tried are skipped)."""
+    most free slots (replicas the caller already tried are skipped). Serve leaves replicas that are stopping out of
+    the candidates."""
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -69,7 +82,7 @@ class SessionRouter(RequestRouter):
             for r in candidate_replicas:
                 stats = r.routing_stats or {}
                 room = stats.get("capacity", 1) - stats.get("sessions", 0)
-                if r.replica_id.unique_id not in tried and stats.get("accepting", True) and room > 0:
+                if r.replica_id.unique_id not in tried and room > 0:
                     free.append((-room, r.replica_id.unique_id, r))
             if free:
                 return [[r for *_, r in sorted(free, key=lambda x: x[:2])]]
@@ -98,12 +111,16 @@ class AvatarReplica:
         import argparse
 
         from ..generate import build_pipeline, device_and_dtype
+        self.id = serve.get_replica_context().replica_id.unique_id
         device, dtype = device_and_dtype(device, None)
         pipe = build_pipeline(argparse.Namespace(preset=preset, weights=weights, seed=0), device, dtype)
-        self.id = serve.get_replica_context().replica_id.unique_id
         self.hub = Hub(pipe, max_sessions=sessions, idle_timeout_s=idle_timeout_s, compile=compile,
                        sid_prefix=self.id + SEP)
-        self.hub.warm_up()
+        # Replicas on one machine that compile at once race on TorchInductor's shared cache (one loads a module
+        # another is still writing: "file too short"): they take turns, and the later ones load the first's work.
+        with open(os.path.join(tempfile.gettempdir(), "avatar-replica-warm-up.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.hub.warm_up()
         freeze_heap()
         self._sweeper: asyncio.Task | None = None
 
@@ -128,20 +145,8 @@ class AvatarReplica:
         """Returns when the session ends (the ingress keeps this call open: Serve counts it as ongoing)."""
         return await _call(self.hub.ended(sid))
 
-    async def health(self) -> dict:
-        return {**self.hub.health(), "replica": self.id, "accepting": self.hub.accepting}
-
-    async def metrics_text(self) -> dict:
-        return {"ok": self.hub.metrics_text()}
-
     def record_routing_stats(self) -> dict:
-        return {"sessions": len(self.hub.sessions) + self.hub._creating, "capacity": self.hub.max_sessions,
-                "accepting": self.hub.accepting}
-
-    async def drain(self) -> dict:
-        """Take no new sessions; the existing ones go on (an operator's drain before taking a node away)."""
-        self.hub.accepting = False
-        return {"ok": len(self.hub.sessions)}
+        return {"sessions": len(self.hub.sessions) + self.hub._creating, "capacity": self.hub.max_sessions}
 
     async def check_health(self) -> None:
         """Serve's health check: the event loop answers, and the device still runs work (a CUDA error poisons the
@@ -160,9 +165,8 @@ class AvatarReplica:
 
 @dataclass
 class _Held:
-    replica: str
-    task: asyncio.Task
-    ended: asyncio.Future
+    task: asyncio.Task              # the hold call, open until the session ends
+    ended: asyncio.Future           # its result: {"id", "reason"}
 
 
 class RemoteHub:
@@ -174,6 +178,10 @@ class RemoteHub:
         self.max_sessions = replicas_hint * sessions_per_replica
         self.sessions: dict[str, _Held] = {}
         self.failed: dict[str, str] = {}                # sid -> reason, for sessions whose replica died
+        self._registry = CollectorRegistry()
+        self._gauge = Gauge("avatar_sessions", "live sessions held by this ingress", registry=self._registry)
+        self._lost = Counter("avatar_sessions_lost_total", "sessions ended by their replica's failure",
+                             registry=self._registry)
 
     async def _remote(self, method: str, *args, **kwargs):
         try:
@@ -187,8 +195,8 @@ class RemoteHub:
         return reply
 
     async def create(self, image) -> dict:
-        """On the replica with the most free slots; one that refuses (its slots filled since its last stats, or it
-        is draining) is skipped and the next tried, until every replica has refused: then a 503."""
+        """On the replica with the most free slots; one that refuses (its slots filled since its last stats) is
+        skipped and the next tried, until every replica has refused: then a 503."""
         tried: list[str] = []
         while True:
             try:
@@ -198,7 +206,7 @@ class RemoteHub:
                 if err.status != 503:
                     raise
                 if replica is None or replica in tried:
-                    raise HTTPError(503, f"every replica is full or draining ({err.message})",
+                    raise HTTPError(503, f"every replica is full ({err.message})",
                                     {"Retry-After": "5"}) from None
                 tried.append(replica)
                 continue
@@ -215,12 +223,13 @@ class RemoteHub:
             except Exception as err:                    # the replica died: its sessions with it
                 reason = f"its replica failed ({type(err).__name__}); create a new session"
                 self.failed[sid] = reason
+                self._lost.inc()
                 result = {"id": sid, "reason": reason}
             self.sessions.pop(sid, None)
             if not ended.done():
                 ended.set_result(result)
 
-        self.sessions[sid] = _Held(replica_of(sid), asyncio.ensure_future(hold()), ended)
+        self.sessions[sid] = _Held(asyncio.ensure_future(hold()), ended)
 
     async def offer(self, sid: str, sdp: str) -> dict:
         self._check(sid)
@@ -251,10 +260,17 @@ class RemoteHub:
             raise HTTPError(410, f"session {sid!r} is gone: {self.failed[sid]}")
 
     async def health(self) -> dict:
-        return {"ok": True, "sessions": len(self.sessions), "max_sessions": self.max_sessions}
+        """Ready when a replica runs (replicas load and warm up the model first: a minute or more on a CPU);
+        `replicas`: how many run now."""
+        running = await asyncio.to_thread(running_replicas)
+        return {"ok": running > 0, "sessions": len(self.sessions), "max_sessions": self.max_sessions,
+                "replicas": running}
 
-    async def metrics_text(self) -> bytes:
-        return (await self._remote("metrics_text"))["ok"]
+    def metrics_text(self) -> bytes:
+        """This ingress's view: sessions it holds and sessions lost with their replica (each replica's own frames,
+        drops and step times are in its Hub; Ray exports Serve's request metrics)."""
+        self._gauge.set(len(self.sessions))
+        return generate_latest(self._registry)
 
     async def sweep(self) -> None:
         return None
@@ -310,16 +326,17 @@ def app_builder(args: dict):
     return build_app(**args)
 
 
-def wait_ready(url: str, timeout_s: float = 600.0) -> None:
-    """Block until the ingress answers /healthz."""
+def wait_ready(url: str, replicas: int = 1, timeout_s: float = 600.0) -> None:
+    """Block until /healthz says `replicas` replicas run."""
+    import json
     import urllib.request
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=5) as r:
-                if r.status == 200:
+                if json.load(r).get("replicas", 0) >= replicas:
                     return
-        except OSError:
+        except OSError:                     # not up yet, or a 503 (no replica running)
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"the Serve application at {url} did not come up within {timeout_s:.0f} s")
