@@ -5,7 +5,8 @@
     python -m runtime.serve --ray --replicas 2 --sessions-per-replica 2      # Ray Serve, a local Ray instance
 
 Open http://127.0.0.1:8080/ (with --token: http://127.0.0.1:8080/?token=SECRET), pick a face, press Start, speak.
-Exit codes: 0 after a clean stop (Ctrl-C), 2 for bad arguments or a missing extra (the message says what to do).
+Exit codes: 0 after a clean stop (Ctrl-C), 2 for bad arguments or a missing extra (the message says what to do),
+1 when the Ray Serve application cannot start.
 """
 from __future__ import annotations
 
@@ -97,18 +98,22 @@ def serve_on_ray(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))        # a stop also shuts the local Ray instance down
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
+        print("starting the replicas (each loads and warms up the model; they take turns on one machine) ...",
+              file=sys.stderr)
         serve.run(build_app(replicas=args.replicas, max_replicas=args.max_replicas,
                             sessions_per_replica=args.sessions_per_replica, preset=args.preset, weights=args.weights,
                             device=args.device, compile=args.compile, token=args.token,
                             idle_timeout_s=args.idle_timeout), name="avatar", route_prefix="/", blocking=False)
         url = f"http://{args.host}:{args.port}/"
-        print("starting the replicas (each loads and warms up the model) ...", file=sys.stderr)
         wait_ready(url, args.replicas)
         print(f"serving on {url} with Ray Serve (Ctrl-C stops)", file=sys.stderr)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         return 0
+    except (RuntimeError, TimeoutError) as err:         # a replica failed to start (its error is in the message)
+        print(f"error: the Serve application did not start: {err}", file=sys.stderr)
+        return 1
     finally:
         serve.shutdown()
         ray.shutdown()
