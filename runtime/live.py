@@ -251,7 +251,8 @@ class LiveStream:
         self._model_resampler: dict = {}      # source_rate -> 16 kHz
         self._ready: dict[int, LiveFrame] = {}          # slot -> frame, waiting for its play time
         self._lost_ends = 0                             # segment ends whose frames were lost, not yet handed out
-        self._audio: dict[int, tuple] = {}              # slot -> (audio, speech, segment_end) pushed, frame pending
+        self._audio: dict[int, tuple] = {}              # tick slot -> (audio, source, speech, segment_end, arrival)
+                                                        # pushed, its frame pending
         self._last_video = np.zeros((self.height, self.width, 3), np.uint8)
         self._interrupt = False
         self._closed = threading.Event()
@@ -278,6 +279,14 @@ class LiveStream:
         if sample_rate != rate or channels != 1 or pcm.ndim != 1:
             pcm = _resampler(self._resamplers, sample_rate, channels, rate)(pcm)
         self._push(pcm)
+
+    def feed_s16(self, data, sample_rate: int, channels: int = 1) -> None:
+        """Interleaved int16 PCM bytes, as voice frameworks carry audio (LiveKit's rtc.AudioFrame.data, Pipecat's
+        audio frames)."""
+        pcm = np.frombuffer(data, dtype=np.int16)
+        if channels > 1:
+            pcm = pcm.reshape(-1, channels).T
+        self.feed(pcm, sample_rate=sample_rate, channels=channels)
 
     def feed_frame(self, frame) -> None:
         """A decoded av.AudioFrame as it arrives (e.g. from a WebRTC track): resampled to mono."""

@@ -264,6 +264,12 @@ def validate_pcm(pcm, sample_rate: int = SAMPLE_RATE, allow_empty: bool = False)
     return _limit_peak(_as_pcm(pcm, allow_empty))
 
 
+def pcm_to_int16(pcm: np.ndarray) -> np.ndarray:
+    """float PCM in [-1, 1] -> int16, the inverse of the 1/32768 scaling applied to int16 input (so int16 audio
+    passed through the runtime comes back bit for bit); beyond full scale it clips."""
+    return np.clip(np.round(pcm * 32768.0), -32768, 32767).astype(np.int16)
+
+
 def check_sample_rate(sample_rate) -> int:
     """A sample rate in Hz as a positive int (numpy ints too); a string, float or bool is a TypeError."""
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)):

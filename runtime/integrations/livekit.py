@@ -41,6 +41,7 @@ from livekit.agents.voice.avatar import (AudioSegmentEnd, AvatarOptions, AvatarR
 
 from ..config import TOY_ASSETS
 from ..live import FPS, LiveStream, freeze_heap, live_session
+from ..media import pcm_to_int16
 
 AGENT_NAME = "avatarforcing"            # the agent name avatar servers register under (launch="dispatch")
 ON_BEHALF = "lk.publish_on_behalf"      # participant attribute: the agent whose speech the avatar plays
@@ -78,10 +79,7 @@ class AvatarVideoGenerator(VideoGenerator):
         if isinstance(frame, AudioSegmentEnd):
             self.live.end_segment()
             return
-        pcm = np.frombuffer(frame.data, dtype=np.int16)
-        if frame.num_channels > 1:
-            pcm = pcm.reshape(-1, frame.num_channels).T
-        self.live.feed(pcm, sample_rate=frame.sample_rate, channels=frame.num_channels)
+        self.live.feed_s16(frame.data, frame.sample_rate, frame.num_channels)
 
     def clear_buffer(self) -> None:
         self.live.interrupt()
@@ -95,7 +93,7 @@ class AvatarVideoGenerator(VideoGenerator):
             self.frames_out += 1
             yield rtc.VideoFrame(self.live.width, self.live.height, rtc.VideoBufferType.RGBA, rgba.tobytes())
             if len(f.source):
-                pcm = np.clip(np.round(f.source * 32768.0), -32768, 32767).astype(np.int16)   # int16 in: exact
+                pcm = pcm_to_int16(f.source)                # int16 in: the same samples out
                 self.audio_frames_out += 1
                 yield rtc.AudioFrame(pcm.tobytes(), self.sample_rate, 1, len(pcm))
             if f.segment_end:

@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import collections
 
-import numpy as np
 from loguru import logger
 from pipecat.frames.frames import (
     CancelFrame,
@@ -67,6 +66,7 @@ from pipecat.services.settings import ServiceSettings
 
 from ..config import TOY_ASSETS
 from ..live import FRAME_S, LiveFrame, LiveStream, live_session
+from ..media import pcm_to_int16
 
 FACE = TOY_ASSETS / "ref_0.png"
 END_SLACK_S = 2.0       # EndFrame waits at most for the queued speech + the play delay + this, then closes anyway
@@ -157,10 +157,7 @@ class AvatarVideoService(AIService):
         await self.push_frame(frame, direction)
 
     def _feed(self, frame: TTSAudioRawFrame):
-        pcm = np.frombuffer(frame.audio, np.int16)
-        if frame.num_channels > 1:                      # interleaved -> [channels, n]
-            pcm = pcm.reshape(-1, frame.num_channels).T
-        self.live.feed(pcm, sample_rate=frame.sample_rate, channels=frame.num_channels)
+        self.live.feed_s16(frame.audio, frame.sample_rate, frame.num_channels)
         self._open = True
 
     def _end_segment(self, stop: TTSStoppedFrame | None):
@@ -200,7 +197,7 @@ class AvatarVideoService(AIService):
         if cut != self._cut:        # interrupted while the image went out: its speech goes with the rest
             return
         if len(f.source):
-            pcm = np.clip(np.round(f.source * 32768.0), -32768, 32767).astype(np.int16)
+            pcm = pcm_to_int16(f.source)
             await self.push_frame(TTSAudioRawFrame(audio=pcm.tobytes(), sample_rate=self._rate, num_channels=1))
         if f.segment_end:
             await self._release(1, cut)

@@ -38,7 +38,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
-import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from fastapi import FastAPI, Request
@@ -47,7 +46,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from ..config import TOY_ASSETS
 from ..live import LiveStream, live_session
-from ..media import load_image
+from ..media import load_image, pcm_to_int16
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 10 * 2 ** 20
@@ -113,7 +112,7 @@ def video_frame(f) -> av.VideoFrame:
 def audio_frames(f) -> list[av.AudioFrame]:
     """A frame's 40 ms as two 20 ms frames: aiortc sends every packet of one encoded frame with one RTP timestamp,
     so a 40 ms frame (two Opus packets) would lose its second half at the receiver."""
-    pcm = (np.clip(f.audio, -1.0, 1.0) * 32767).astype(np.int16)                  # [640] s16 mono, 16 kHz
+    pcm = pcm_to_int16(f.audio)                                                   # [640] s16 mono, 16 kHz
     out, half = [], len(pcm) // 2
     for i in range(2):
         frame = av.AudioFrame.from_ndarray(pcm[None, i * half:(i + 1) * half], format="s16", layout="mono")

@@ -94,6 +94,18 @@ class SessionRouter(RequestRouter):
         return [named or candidate_replicas]            # gone (died or drained): any replica answers 404
 
 
+def _unwrap(reply: dict) -> dict:
+    """A replica's reply -> itself, or the HTTPError it carries."""
+    if "error" in reply:
+        status, message, headers = reply["error"]
+        raise HTTPError(status, message, headers)
+    return reply
+
+
+def _lost(err: Exception) -> str:
+    return f"its replica failed ({type(err).__name__}); create a new session"
+
+
 async def _call(coro) -> dict:
     """A Hub call inside a replica -> {"ok": result} or {"error": [status, message, headers]} (exceptions of HTTP
     meaning cross the process boundary as data, not as Ray task errors)."""
@@ -189,10 +201,7 @@ class RemoteHub:
         except Exception as err:                        # the replica died or Serve could not reach one
             raise HTTPError(503, f"no replica could take the request ({type(err).__name__}); retry later",
                             {"Retry-After": "5"}) from None
-        if "error" in reply:
-            status, message, headers = reply["error"]
-            raise HTTPError(status, message, headers)
-        return reply
+        return _unwrap(reply)
 
     async def create(self, image) -> dict:
         """On the replica with the most free slots; one that refuses (its slots filled since its last stats) is
@@ -221,7 +230,7 @@ class RemoteHub:
                 reply = await self.replicas.hold.remote(sid=sid)
                 result = reply.get("ok") or {"id": sid, "reason": "ended"}
             except Exception as err:                    # the replica died: its sessions with it
-                reason = f"its replica failed ({type(err).__name__}); create a new session"
+                reason = _lost(err)
                 self.failed[sid] = reason
                 self._lost.inc()
                 result = {"id": sid, "reason": reason}
@@ -249,11 +258,8 @@ class RemoteHub:
         try:                                            # held by another ingress replica: wait on the replica
             reply = await self.replicas.hold.remote(sid=sid)
         except Exception as err:
-            return {"id": sid, "reason": f"its replica failed ({type(err).__name__}); create a new session"}
-        if "error" in reply:
-            status, message, headers = reply["error"]
-            raise HTTPError(status, message, headers)
-        return reply["ok"]
+            return {"id": sid, "reason": _lost(err)}
+        return _unwrap(reply)["ok"]
 
     def _check(self, sid: str) -> None:
         if sid in self.failed:
