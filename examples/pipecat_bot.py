@@ -48,10 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 @functools.cache
 def _pipeline(preset: str, weights: str | None, device: str | None, compile: bool | None, face: str):
     """The model, loaded and warmed up once per process (the compiled step is shared by later sessions)."""
-    from runtime.generate import build_pipeline, device_and_dtype
+    from runtime.generate import serving_pipeline
     from runtime.live import LiveStream, freeze_heap, live_session
-    device, dtype = device_and_dtype(device, None)
-    pipe = build_pipeline(argparse.Namespace(preset=preset, weights=weights, seed=0), device, dtype)
+    pipe = serving_pipeline(preset, weights, device)
     LiveStream(live_session(pipe, face, compile=compile), start=False)
     freeze_heap()               # no full garbage collection pauses while streaming
     return pipe

@@ -115,6 +115,12 @@ def device_and_dtype(device=None, dtype=None):
     return device, resolve_dtype(dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
+def serving_pipeline(preset: str | None, weights: str | None = None, device=None):
+    """The pipeline a server or worker loads: the CLI's device and dtype defaults, the same messages as the CLI's."""
+    device, dtype = device_and_dtype(device, None)
+    return build_pipeline(argparse.Namespace(preset=preset, weights=weights, seed=0), device, dtype)
+
+
 def build_pipeline(args, device, dtype):
     from .pipeline import AvatarPipeline
     if args.weights:

@@ -325,11 +325,10 @@ def main(argv=None) -> int:
     if not 8000 <= args.sample_rate <= 192000:
         print("error: --sample-rate must be in 8000..192000", file=sys.stderr)
         return 2
-    from ..generate import build_pipeline, device_and_dtype
+    from ..generate import serving_pipeline
     from ..media import load_image
     try:
-        device, dtype = device_and_dtype(args.device, None)
-        pipe = build_pipeline(argparse.Namespace(preset=args.preset, weights=args.weights, seed=0), device, dtype)
+        pipe = serving_pipeline(args.preset, args.weights, args.device)
         image = load_image(args.image)
     except (ValueError, TypeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

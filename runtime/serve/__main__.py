@@ -62,10 +62,9 @@ def main(argv=None) -> int:
         return 2
     if args.ray:
         return serve_on_ray(args)
-    from ..generate import build_pipeline, device_and_dtype
+    from ..generate import serving_pipeline
     try:
-        device, dtype = device_and_dtype(args.device, None)
-        pipe = build_pipeline(argparse.Namespace(preset=args.preset, weights=args.weights, seed=0), device, dtype)
+        pipe = serving_pipeline(args.preset, args.weights, args.device)
     except (ValueError, TypeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

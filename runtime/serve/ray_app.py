@@ -120,12 +120,9 @@ class AvatarReplica:
 
     def __init__(self, preset: str = "toy-talker", weights: str | None = None, device: str | None = None,
                  sessions: int = 2, compile: bool | None = None, idle_timeout_s: float = 30.0):
-        import argparse
-
-        from ..generate import build_pipeline, device_and_dtype
+        from ..generate import serving_pipeline
         self.id = serve.get_replica_context().replica_id.unique_id
-        device, dtype = device_and_dtype(device, None)
-        pipe = build_pipeline(argparse.Namespace(preset=preset, weights=weights, seed=0), device, dtype)
+        pipe = serving_pipeline(preset, weights, device)
         self.hub = Hub(pipe, max_sessions=sessions, idle_timeout_s=idle_timeout_s, compile=compile,
                        sid_prefix=self.id + SEP)
         # Replicas on one machine that compile at once race on TorchInductor's shared cache (one loads a module
