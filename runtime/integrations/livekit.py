@@ -63,6 +63,7 @@ class AvatarVideoGenerator(VideoGenerator):
         self.live = live
         self.sample_rate = live.source_rate
         self.frames_out = self.audio_frames_out = self.segments_out = 0
+        self._cut = 0               # clear_buffer calls so far: a frame taken before one loses its audio
 
     @classmethod
     def open(cls, pipe, image=DEFAULT_FACE, *, sample_rate: int = DEFAULT_RATE, compile: bool | None = None,
@@ -83,6 +84,7 @@ class AvatarVideoGenerator(VideoGenerator):
 
     def clear_buffer(self) -> None:
         self.live.interrupt()
+        self._cut += 1
 
     def __aiter__(self):
         return self._stream()
@@ -91,7 +93,10 @@ class AvatarVideoGenerator(VideoGenerator):
         async for f in self.live.frames():
             rgba = np.concatenate([f.video, np.full((*f.video.shape[:2], 1), 255, np.uint8)], axis=2)
             self.frames_out += 1
+            cut = self._cut
             yield rtc.VideoFrame(self.live.width, self.live.height, rtc.VideoBufferType.RGBA, rgba.tobytes())
+            if cut != self._cut:    # cleared while the runner pushed the image: its speech goes with the rest
+                continue
             if len(f.source):
                 pcm = pcm_to_int16(f.source)                # int16 in: the same samples out
                 self.audio_frames_out += 1
