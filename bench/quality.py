@@ -15,8 +15,15 @@ scored ground-truth frames of the same person only 0.96-0.97 against their refer
   component). Ground truth scores ~0.996; another identity's frames ~0.
 - colour drift: CIEDE2000 between each frame's mean CIELAB colour and the reference's; mean and last 10%.
 - flicker: mean |frame_t - frame_{t-1}| in 0..255.
-Streams are 8 s and 60 s of identities never seen in training (seeds from 100,000), pushed through the runtime's
-StreamSession exactly as a live caller would. Ablations (each a StreamConfig change): no style anchor, anchor
+- articulation (`mouth_amplitude`): per identity, the gain of the mouth probe's opening on the generated frames
+  against its opening on the ground-truth frames of the same identity and audio (`mouth_gain`: 1 = the mouth opens
+  as wide as the renderer's; a student that regresses to the mean scores below 1; noise does not raise it); the
+  mean over identities and the worst identity. With it, lip-sync as a fraction of the ground truth's own r (mean
+  over identities of each).
+Streams are 8 s and 60 s of identities never seen in training (seeds from 100,000) saying random sentences from
+the training word list, and 8 s of the same identities each saying one fixed set of pangrams (`SENTENCE`, words
+the list mostly lacks) in its own voice, pushed through the runtime's StreamSession exactly as a live caller
+would. Ablations (each a StreamConfig change): no style anchor, anchor
 without RoPE re-indexing, no temporal anchor, non-zero anchor audio, and (L, N) in {(1, 4), (2, 2), (4, 1)}.
 A table, then one JSON line last. Swap the probes for SyncNet / ArcFace where real weights exist.
 """
@@ -35,6 +42,9 @@ from torch import nn
 
 VAL_SEED0 = 100_000
 PROBE_SEED0 = 200_000            # the probe's own training clips: not the runtime model's training set either
+# 8 s of pangrams: most of their words are not in train/words.txt (only "few", "black", "my", "bad", "quick" are)
+SENTENCE = "Amazingly few discotheques provide jukeboxes. Sphinx of black quartz, judge my vow. " \
+           "Waltz, bad nymph, for quick jigs vex."
 
 
 class Probe(nn.Module):
@@ -116,14 +126,39 @@ def identity_score(probes: Probes, frames: np.ndarray, reference: np.ndarray) ->
 
 
 @torch.no_grad()
-def metrics(probes: Probes, frames: np.ndarray, mouth_gt: np.ndarray, reference: np.ndarray) -> dict:
-    """frames uint8 [T, H, W, 3] (frame 0 = reference reconstruction), mouth_gt [T] ground truth."""
+def mouth_opening(probes: Probes, frames: np.ndarray) -> np.ndarray:
+    """The mouth probe's opening [T] of frames uint8 [T, H, W, 3]."""
+    return torch.cat([probes.mouth(x)[1] for x in _batches(frames)])[:, 0].numpy()
+
+
+def _shifted(a: np.ndarray, b: np.ndarray, lag: int) -> tuple[np.ndarray, np.ndarray]:
+    """a[t + lag] paired with b[t] (the overlap only)."""
+    return a[max(0, lag):len(a) + min(0, lag)], b[max(0, -lag):len(b) - max(0, lag)]
+
+
+def mouth_gain(gen: np.ndarray, truth: np.ndarray, max_lag: int = 2) -> float:
+    """Articulation: the least-squares gain of the generated opening on the ground-truth frames' opening (both
+    read by the probe), cov(gen, truth) / var(truth), at the lag within +-max_lag where they correlate best. 1: the
+    mouth opens as wide as the ground truth's; a mouth shrunk toward its mean scores below 1. Movement that does
+    not follow the ground truth (probe noise on generated frames, jitter) adds nothing, as it would to a plain
+    ratio of standard deviations."""
+    lag = max(range(-max_lag, max_lag + 1), key=lambda k: pearson(*_shifted(gen, truth, k)))
+    g, t = _shifted(gen, truth, lag)
+    g, t = g - g.mean(), t - t.mean()
+    return float((g * t).sum() / max((t * t).sum(), 1e-12))
+
+
+@torch.no_grad()
+def metrics(probes: Probes, frames: np.ndarray, mouth_gt: np.ndarray, reference: np.ndarray,
+            truth_frames: np.ndarray | None = None) -> dict:
+    """frames uint8 [T, H, W, 3] (frame 0 = reference reconstruction), mouth_gt [T] ground truth. With the
+    ground-truth frames `truth_frames` for the same audio, also the articulation (`mouth_amplitude`) and the
+    ground truth's own lip-sync r (`sync_r_truth`)."""
     from skimage.color import deltaE_ciede2000, rgb2lab
-    opening = torch.cat([probes.mouth(x)[1] for x in _batches(frames)])[:, 0].numpy()
+    opening = mouth_opening(probes, frames)
     csim = identity_score(probes, frames[1:], reference)
     gen, gt = opening[1:], mouth_gt[1:]
-    lags = {lag: pearson(gen[max(0, lag):len(gen) + min(0, lag)], gt[max(0, -lag):len(gt) - max(0, lag)])
-            for lag in range(-4, 5)}
+    lags = {lag: pearson(*_shifted(gen, gt, lag)) for lag in range(-4, 5)}
     best = max(lags, key=lags.get)
     lab = rgb2lab(frames.reshape(-1, 1, 3).astype(np.float32) / 255).reshape(frames.shape)
     mean_lab = lab[1:].mean(axis=(1, 2))
@@ -131,8 +166,13 @@ def metrics(probes: Probes, frames: np.ndarray, mouth_gt: np.ndarray, reference:
     de = deltaE_ciede2000(np.broadcast_to(ref_lab, mean_lab.shape), mean_lab)
     tail = max(1, len(de) // 10)
     flicker = np.abs(np.diff(frames[1:].astype(np.float32), axis=0)).mean()
-    return dict(sync_r=lags[0], sync_best_r=lags[best], sync_best_lag=best, identity=csim,
-                de2000=float(de.mean()), de2000_last10=float(de[-tail:].mean()), flicker=float(flicker))
+    out = dict(sync_r=lags[0], sync_best_r=lags[best], sync_best_lag=best, identity=csim,
+               de2000=float(de.mean()), de2000_last10=float(de[-tail:].mean()), flicker=float(flicker))
+    if truth_frames is not None:
+        truth = mouth_opening(probes, truth_frames)[1:]
+        out["mouth_amplitude"] = mouth_gain(gen, truth)
+        out["sync_r_truth"] = pearson(truth, gt)
+    return out
 
 
 def stream_clip(pipe, clip, stream, seed: int = 0, chunk: int = 3200, engine: bool | None = None) -> np.ndarray:
@@ -159,8 +199,14 @@ def ablations(base):
 
 
 def evaluate(pipe, stream, probes: Probes, clips, engine: bool | None = None) -> dict:
-    rows = [metrics(probes, stream_clip(pipe, c, stream, engine=engine), c.mouth_open, c.frames[0]) for c in clips]
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    """Every metric's mean over the clips' identities, plus the worst identity's articulation
+    (`mouth_amplitude_worst`) and lip-sync as a fraction of the ground truth's (`sync_fraction`)."""
+    rows = [metrics(probes, stream_clip(pipe, c, stream, engine=engine), c.mouth_open, c.frames[0], c.frames)
+            for c in clips]
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    out["mouth_amplitude_worst"] = float(min(r["mouth_amplitude"] for r in rows))
+    out["sync_fraction"] = out["sync_r"] / out["sync_r_truth"]
+    return out
 
 
 def ground_truth(probes: Probes, clips) -> dict:
@@ -168,13 +214,36 @@ def ground_truth(probes: Probes, clips) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+def sentence_clips(identities: int, seconds: float = 8.0) -> list:
+    """The unseen identities (the seeds of the random-speech runs) each saying `SENTENCE` in a voice of its own
+    (accent, variant, speed and pitch cycle with the index), trimmed or padded to `seconds`."""
+    from train.synth import ACCENTS, VARIANTS, make_clip, speak
+    clips = []
+    for i in range(identities):
+        voice = f"{ACCENTS[i % len(ACCENTS)]}+{VARIANTS[(5 * i) % len(VARIANTS)]}"
+        speech = speak(SENTENCE, voice, speed=150 + 10 * (i % 3), pitch=30 + 10 * (i % 5), amplitude=120)
+        clips.append(make_clip(VAL_SEED0 + i, seconds, audio=np.concatenate([np.zeros(4000, np.float32), speech])))
+    return clips
+
+
+def floors(probes: Probes, clips) -> dict:
+    """A clip's true mouth track against the next clip's audio, and the next identity's frames against this
+    clip's reference."""
+    n = len(clips)
+    wrong = float(np.mean([pearson(clips[i].mouth_open[1:], clips[(i + 1) % n].mouth_open[1:]) for i in range(n)]))
+    other = float(np.mean([identity_score(probes, clips[(i + 1) % n].frames[1:], clips[i].frames[0])
+                           for i in range(n)]))
+    return {"wrong audio": {"sync_r": wrong}, "other identity": {"identity": other}}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=None, help="toy-talker directory (default: the shipped one)")
-    p.add_argument("--identities", type=int, default=4)
+    p.add_argument("--identities", type=int, default=8)
     p.add_argument("--seconds", type=float, nargs="+", default=[8.0, 60.0])
     p.add_argument("--ablation-seconds", type=float, default=60.0)
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--no-sentence", action="store_true", help="skip the fixed-sentence run (it needs espeak-ng)")
     p.add_argument("--probe-clips", type=int, default=200)
     p.add_argument("--json-out")
     args = p.parse_args(argv)
@@ -189,20 +258,15 @@ def main(argv=None) -> int:
     probe_clips = make_clips(args.probe_clips, 4.0, PROBE_SEED0, desc="probe clips")
     probes = train_probes(probe_clips)
     result = dict(bench="quality", stream=stream.name, identities=args.identities, runs={})
-    for seconds in args.seconds:
-        clips = [make_clip(VAL_SEED0 + i, seconds) for i in range(args.identities)]
-        # the floors: a clip's true mouth track against the next clip's audio, the next identity's frames against
-        # this clip's reference
-        n = len(clips)
-        wrong = float(np.mean([pearson(clips[i].mouth_open[1:], clips[(i + 1) % n].mouth_open[1:]) for i in range(n)]))
-        other = float(np.mean([identity_score(probes, clips[(i + 1) % n].frames[1:], clips[i].frames[0])
-                               for i in range(n)]))
-        result["runs"][f"{seconds:g}s"] = {
-            "ground truth": ground_truth(probes, clips),
-            "generated": evaluate(pipe, stream, probes, clips),
-            "wrong audio": {"sync_r": wrong},
-            "other identity": {"identity": other},
-        }
+    runs = {f"{seconds:g}s": lambda seconds=seconds: [make_clip(VAL_SEED0 + i, seconds)
+                                                      for i in range(args.identities)]
+            for seconds in args.seconds}
+    if not args.no_sentence:
+        runs["sentence"] = lambda: sentence_clips(args.identities)
+    for name, make in runs.items():
+        clips = make()
+        result["runs"][name] = {"ground truth": ground_truth(probes, clips),
+                                "generated": evaluate(pipe, stream, probes, clips), **floors(probes, clips)}
     if not args.no_ablations:
         clips = [make_clip(VAL_SEED0 + i, args.ablation_seconds) for i in range(min(2, args.identities))]
         result["ablations"] = {name: evaluate(pipe, cfg, probes, clips)
@@ -214,16 +278,17 @@ def main(argv=None) -> int:
 
 
 def print_table(r: dict) -> None:
-    cols = ("sync_r", "sync_best_r", "sync_best_lag", "identity", "de2000", "de2000_last10", "flicker")
-    head = f"{'run':<34}" + "".join(f"{c:>15}" for c in cols)
+    cols = ("sync_r", "sync_best_r", "sync_best_lag", "sync_fraction", "mouth_amplitude", "mouth_amplitude_worst",
+            "identity", "de2000", "de2000_last10", "flicker")
+    head = f"{'run':<34}" + "".join(f"{c:>{max(10, len(c) + 1)}}" for c in cols)
     print(f"toy-talker quality | stream {r['stream']} | {r['identities']} unseen identities")
     print(head)
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     for run, entries in r["runs"].items():
         for name, m in entries.items():
-            print(f"{run + ' ' + name:<34}" + "".join(f"{fmt(m.get(c)):>15}" for c in cols))
+            print(f"{run + ' ' + name:<34}" + "".join(f"{fmt(m.get(c)):>{max(10, len(c) + 1)}}" for c in cols))
     for name, m in r.get("ablations", {}).items():
-        print(f"{'ablation ' + name:<34}" + "".join(f"{fmt(m.get(c)):>15}" for c in cols))
+        print(f"{'ablation ' + name:<34}" + "".join(f"{fmt(m.get(c)):>{max(10, len(c) + 1)}}" for c in cols))
 
 
 if __name__ == "__main__":
