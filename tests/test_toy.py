@@ -22,7 +22,9 @@ def test_shipped_files_and_budget():
     assert weights.stat().st_size <= 5 * 2 ** 20
     import hashlib
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == meta["sha256"]["toy-talker.safetensors"]
-    assert meta["shipped"] in ("ode", "dmd") and meta["model"]["audio_features"] == "logmel"
+    from train.toy import STUDENTS
+    assert meta["shipped"] in STUDENTS and meta["model"]["audio_features"] == "logmel"
+    assert meta["gate"][meta["shipped"]] == "passed"
     for name in ("hello.wav", "ref_0.png"):
         assert (TOY_ASSETS / name).is_file()
 
@@ -62,15 +64,38 @@ def test_demo_clip_mouth_follows_the_speech():
 @needs_espeak
 def test_training_smoke_run(tmp_path):
     from train.toy import main
-    assert main(["--out", str(tmp_path), "--smoke"]) == 0
+    assert main(["--out", str(tmp_path), "--smoke", "--students", "ode,ode-cfg,ode-cfg-mouth"]) == 0
     meta = json.loads((tmp_path / "toy-talker.json").read_text())
-    assert meta["shipped"] in ("ode", "dmd") and set(meta["metrics"]) == {"ode", "dmd", "shipped"}
+    assert meta["shipped"] in ("ode", "ode-cfg", "ode-cfg-mouth")
+    assert set(meta["metrics"]) == {"ode", "ode-cfg", "ode-cfg-mouth", "shipped"}
+    assert set(meta["gate"]) == {"ode", "ode-cfg", "ode-cfg-mouth"}
     assert meta["timings"]["decoder"]["steps"] == 20
     assert (tmp_path / "toy-talker.safetensors").stat().st_size <= 5 * 2 ** 20
     pipe = AvatarPipeline.from_toy(tmp_path)
     video = pipe.generate(np.asarray(load_image(tmp_path / "ref_0.png")), np.zeros(3200, np.float32),
                           audio_mode="stream")
     assert video.shape == (6, 64, 64, 3)
+
+
+@pytest.mark.slow
+@needs_espeak
+def test_resumed_teacher_gives_the_full_run(tmp_path):
+    """A run stopped after its teacher and resumed from it writes the bytes of an uninterrupted run; a resume with
+    another recipe is refused."""
+    from train.toy import main
+    assert main(["--out", str(tmp_path / "full"), "--smoke", "--students", "ode,dmd"]) == 0
+    assert main(["--out", str(tmp_path / "teacher"), "--smoke", "--stop-after", "teacher"]) == 0
+    assert not (tmp_path / "teacher" / "toy-talker.safetensors").exists()
+    assert main(["--out", str(tmp_path / "resumed"), "--smoke", "--students", "ode,dmd",
+                 "--resume", str(tmp_path / "teacher")]) == 0
+    full, resumed = ((tmp_path / d / "toy-talker.safetensors").read_bytes() for d in ("full", "resumed"))
+    assert full == resumed
+    with pytest.raises(SystemExit, match="another recipe"):
+        main(["--out", str(tmp_path / "other"), "--smoke", "--seed", "1", "--resume", str(tmp_path / "teacher")])
+    # the guidance scan reads the same saved teacher
+    from train.guidance import main as guidance
+    assert guidance(["--run", str(tmp_path / "teacher"), "--clips", "2", "--probe-clips", "4",
+                     "--scales", "1", "3"]) == 0
 
 
 @pytest.mark.slow
@@ -117,15 +142,17 @@ def test_training_smoke_run_on_cuda(tmp_path, monkeypatch):
     shipped_speech(monkeypatch)
     runs = {}
     for device in ("cpu", "cuda"):
-        assert main(["--out", str(tmp_path / device), "--smoke", "--device", device]) == 0
+        assert main(["--out", str(tmp_path / device), "--smoke", "--device", device,
+                     "--students", "ode-cfg-mouth,dmd-cfg-mouth"]) == 0
         runs[device] = json.loads((tmp_path / device / "toy-talker.json").read_text())
     assert runs["cuda"]["training"]["device"] == torch.cuda.get_device_name()
-    for stage in ("ae", "teacher", "ode", "decoder"):
-        cpu, cuda = runs["cpu"]["timings"][stage], runs["cuda"]["timings"][stage]
+    stages = {k: run["timings"] | run["timings"]["students"] for k, run in runs.items()}
+    for stage in ("ae", "teacher", "ode-cfg-mouth", "decoder"):
+        cpu, cuda = stages["cpu"][stage], stages["cuda"][stage]
         assert cpu["steps"] == cuda["steps"] == 20, (stage, cpu, cuda)
         cpu, cuda = cpu["final_loss"], cuda["final_loss"]
         assert abs(cuda - cpu) <= 0.05 * abs(cpu), (stage, cpu, cuda)
-    assert np.isfinite(runs["cuda"]["timings"]["dmd"]["final_loss"])
+    assert np.isfinite(stages["cuda"]["dmd-cfg-mouth"]["final_loss"])
     pipe = AvatarPipeline.from_toy(tmp_path / "cuda")
     video = pipe.generate(np.asarray(load_image(tmp_path / "cuda" / "ref_0.png")), np.zeros(3200, np.float32),
                           audio_mode="stream")

@@ -163,3 +163,37 @@ def test_stages_on_cuda_draw_the_cpu_noise(toy, exact_cuda):
         harden_decoder(model, clips, [1.0] * 16, steps=3, batch=4, seed=5, log=lambda m: None)
     for k, v in ae.state_dict().items():
         torch.testing.assert_close(ae_gpu.state_dict()[k].cpu(), v, rtol=1e-4, atol=1e-4, msg=k)
+
+
+def scores(amp, worst, identity=0.995, last10=0.4, first=0.4, flicker=0.6, flicker_truth=0.4):
+    return dict(mouth_amplitude=amp, mouth_amplitude_worst=worst, identity=identity, de2000_last10=last10,
+                de2000_first=first, flicker=flicker, flicker_truth=flicker_truth)
+
+
+def test_gate_ships_the_widest_mouth_that_keeps_the_targets():
+    from train.toy import gate
+    runs = {"ode": scores(0.6, 0.3), "wide": scores(0.9, 0.7), "wider-but-blurred": scores(1.0, 0.8, identity=0.98),
+            "wider-but-flickers": scores(1.0, 0.8, flicker=0.9), "narrow-worst": scores(0.95, 0.2)}
+    choice, reasons = gate(runs, "ode")
+    assert choice == "wide"
+    assert reasons == {"ode": "passed", "wide": "passed", "wider-but-blurred": "failed identity",
+                       "wider-but-flickers": "failed flicker", "narrow-worst": "failed articulation"}
+
+
+def test_gate_keeps_the_baseline_when_no_candidate_passes():
+    from train.toy import gate
+    choice, reasons = gate({"ode": scores(0.6, 0.3, flicker=1.0), "new": scores(0.9, 0.7, last10=0.7)}, "ode")
+    assert choice == "ode" and reasons == {"ode": "failed flicker", "new": "failed drift"}
+
+
+def test_mouth_weight_is_centred_on_the_mouth():
+    """The ODE loss weight: mean 1, largest on the latent cells under the rendered mouth, 1 / (1 + extra) of that
+    far from it."""
+    from train.distill import latent_weight
+    from train.synth import mouth_region
+    region = mouth_region(identities=8)
+    w = latent_weight(region, (16, 16), 4.0)
+    assert w.shape == (16, 16) and abs(w.mean().item() - 1) < 1e-6
+    row, col = divmod(int(w.argmax()), 16)
+    assert 8 <= row <= 11 and 6 <= col <= 9, (row, col)                  # below the eyes, centred
+    assert w.max() / w[0, 0] == pytest.approx(5.0, rel=0.05)

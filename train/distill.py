@@ -38,10 +38,12 @@ def stream_sigmas(stream: StreamConfig) -> list[float]:
 # ---------------------------------------------------------------------------------------------- backfill
 @torch.no_grad()
 def backfill(teacher, text, ref: Tensor, audio: Tensor, frames: int, levels: list[float],
-             generator: torch.Generator, steps: int = 8) -> dict:
+             generator: torch.Generator, steps: int = 8, cfg_scale: float = 1.0) -> dict:
     """Teacher trajectories for `frames` consecutive latents: {"x0": [B,16,F,h,w], "states": [len(levels), B,
-    16, F, h, w]} with states[i] the ODE state exactly at sigma = levels[i] (states at 1.0 are the drawn noise)."""
-    x0, recorded = sample(teacher, text, ref, audio, frames, generator, steps=steps, record_levels=tuple(levels))
+    16, F, h, w]} with states[i] the ODE state exactly at sigma = levels[i] (states at 1.0 are the drawn noise).
+    `cfg_scale` > 1 follows the audio-guided flow (the teacher was trained with audio dropped 10% of the time)."""
+    x0, recorded = sample(teacher, text, ref, audio, frames, generator, steps=steps, cfg_scale=cfg_scale,
+                          record_levels=tuple(levels))
     return {"x0": x0, "states": torch.stack([recorded[lv] for lv in levels])}
 
 
@@ -97,9 +99,22 @@ def ode_example(traj: dict, ref: Tensor, audio: Tensor, levels: list[float], his
                 audio={"history": h_audio, "window": w_audio})
 
 
-def ode_loss(student, text, ex: dict) -> Tensor:
+def ode_loss(student, text, ex: dict, weight: Tensor | None = None) -> Tensor:
+    """MSE of the student's x0 against the teacher's; `weight` [h, w] (mean 1) weights latent cells, e.g. more
+    on the mouth (`latent_weight`)."""
     x0 = one_pass(student, text, ex["ref"], ex["history"], ex["window"], ex["sigmas"], ex["audio"])
-    return (x0 - ex["target"]).pow(2).mean()
+    err = (x0 - ex["target"]).pow(2)
+    return err.mean() if weight is None else (err * weight.to(err.device)).mean()
+
+
+def latent_weight(region, latent_hw: tuple[int, int], extra: float) -> Tensor:
+    """A loss weight [h, w] over latent cells with mean 1: 1 + extra x the pixel `region` [H, W] in [0, 1]
+    averaged over each cell (max-normalised), so the cells where the mouth moves count (1 + extra) times as much
+    as still ones before normalising."""
+    region = torch.as_tensor(region, dtype=torch.float32)[None, None]
+    cells = torch.nn.functional.adaptive_avg_pool2d(region, latent_hw)[0, 0]
+    w = 1 + extra * cells / cells.max()
+    return w / w.mean()
 
 
 # ---------------------------------------------------------------------------------------------- DMD

@@ -432,6 +432,21 @@ def render_frame(identity: Identity, state: FaceState = FaceState()) -> np.ndarr
     return (np.clip(canvas, 0, 255) + 0.5).astype(np.uint8)
 
 
+def mouth_region(identities: int = 32, seed: int = 0) -> np.ndarray:
+    """Where the mouth moves: float32 [SIZE, SIZE] in [0, 1], the mean absolute difference (all channels) between
+    a wide-open and a closed mouth, rounded and spread, over random identities in random head poses (the clips'
+    motion range), divided by its maximum. A pure function of its arguments."""
+    rng = np.random.default_rng(seed)
+    total = np.zeros((SIZE, SIZE), np.float64)
+    for _ in range(identities):
+        idn = Identity.random(rng)
+        pose = {k: float(rng.uniform(-a, a)) for k, a in MOTION_AMPLITUDE.items()}
+        closed = render_frame(idn, FaceState(**pose)).astype(np.float64)
+        for r in (-1.0, 0.0, 1.0):
+            total += np.abs(render_frame(idn, FaceState(mouth_open=1.0, roundness=r, **pose)) - closed).mean(-1)
+    return (total / total.max()).astype(np.float32)
+
+
 # ============================================================================================== clips
 @dataclass
 class Clip:

@@ -1,23 +1,28 @@
 """Train the toy-talker end to end with the paper's method, and package it as the runtime's default model.
 
-    python -m train.toy --out DIR [--device cpu|cuda] [--minutes-per-stage ae=10,teacher=35,ode=10,dmd=12]
-                        [--clips 600] [--seed 0] [--threads 2] [--install]
+    python -m train.toy --out DIR [--device cpu|cuda] [--students ode,ode-cfg,ode-cfg-mouth] [--clips 600]
+                        [--seed 0] [--threads 2] [--minutes-per-stage ae=10,teacher=35,ode=10,dmd=12] [--install]
+    python -m train.toy --out DIR --stop-after teacher        # then: --out DIR2 --resume DIR (same options)
     python -m train.toy --out DIR --harden-decoder SRC [--install]
 
 Stages (reference/toy-talker-plan.md is the measured plan this follows): synthetic data (train/synth.py) ->
-per-frame autoencoder (FrameAE) and latent / log-mel statistics -> bidirectional flow-matching teacher ->
-ODE backfill at the exact stream noise levels -> stage 1, ODE regression of the one-step student (one masked pass
-= the cached streaming computation) -> stage 2, DMD on rollouts of the runtime's StreamSession with a critic ->
-quality metrics of both students on unseen identities -> a gate that ships DMD only if it is at least as good as
-the ODE student on lip-sync at equal identity and does not add drift or flicker (else the ODE student ships) ->
-the decoder hardened against the DiT's latent noise, with its temporal context trained (encoder frozen;
-`--harden-decoder SRC` runs only this step on a model trained before it existed).
+per-frame autoencoder (FrameAE) and latent / log-mel statistics -> bidirectional flow-matching teacher (audio
+dropped 10% of the time) -> ODE backfill at the exact stream noise levels, with each student's audio guidance ->
+stage 1, ODE regression of each one-step student (one masked pass = the cached streaming computation), with the
+loss weighted on the mouth for some -> optionally stage 2, DMD on rollouts of the runtime's StreamSession with a
+critic (`STUDENTS`) -> the decoder hardened against the DiT's latent noise, with its temporal context trained
+(encoder frozen, so it changes nothing the DiT learned; `--harden-decoder SRC` runs only this step on a model
+trained before it existed) -> quality metrics of every student and of the installed toy-talker (`--baseline`) on
+unseen identities -> a gate that ships the student with the widest mouth among those that articulate at least as
+well as the baseline and meet the identity, drift and flicker targets (`gate`, `TARGETS`); if none does, the run
+ends without writing a model.
 Every stage uses the runtime's own AvatarDiT, FrameAE, log-mel extractor, scheduler and session.
 
 Output: DIR/toy-talker.safetensors (fp16: DiT, autoencoder, text context), DIR/toy-talker.json (ModelConfig with
-the measured statistics, StreamConfig, metrics, timings, sha256 manifest), reference faces and a speech clip;
-DIR/stages/{teacher,ode,dmd}.pt keep the fp32 teacher (with its text context) and both students for inspection;
-`--install` copies them to runtime/assets/toy/. Deterministic per seed and thread count on one machine
+the measured statistics, StreamConfig, every student's metrics, the gate's reasons, timings, sha256 manifest),
+reference faces and a speech clip; DIR/stages/teacher.pt keeps the fp32 teacher (with its text context, the
+autoencoder and the run's random state: `--resume` continues from it) and DIR/stages/<student>.pt each student;
+`--install` copies the model to runtime/assets/toy/. Deterministic per seed and thread count on one machine
 (espeak-ng's version and CPU float paths differ across machines; the manifest records both).
 """
 from __future__ import annotations
@@ -42,8 +47,8 @@ from runtime.frame_ae import FrameAE
 
 from . import ae as ae_stage
 from .data import Batches, device_of, encode_latents, logmel_rows, logmel_stats, make_clips, normalise_rows
-from .distill import backfill, dmd_losses, ode_example, ode_loss, rollout_window, stream_sigmas
-from .synth import espeak_version, sha256_file
+from .distill import backfill, dmd_losses, latent_weight, ode_example, ode_loss, rollout_window, stream_sigmas
+from .synth import espeak_version, mouth_region, sha256_file
 from .teacher import EMA, TextEmbedding, cosine_lr, teacher_loss
 
 # Stages run a fixed number of steps, so a run is deterministic per seed and thread count; --minutes-per-stage
@@ -51,6 +56,23 @@ from .teacher import EMA, TextEmbedding, cosine_lr, teacher_loss
 DEFAULT_STEPS = dict(ae=3000, decoder=2400, teacher=3000, ode=600, dmd=500)
 NO_TIME_CAP = 1e9
 STREAM = "low-delay"                          # B = 1 latent, L = 4, N = 1, re-indexed anchor: 0.48 s look-ahead
+# The students a run can train, by name: stage 1 (ODE regression) on teacher trajectories sampled with audio
+# guidance `cfg` (1 = none), its loss weighted up to 1 + `mouth` times more on the latent cells where the mouth
+# moves (0 = plain MSE); or stage 2 (DMD) from the stage-1 student `source`. The gate compares each with the
+# baseline (`gate`).
+STUDENTS = {
+    "ode": dict(cfg=1.0, mouth=0.0, source=None),          # the first toy-talker's student
+    "ode-cfg": dict(cfg=4.5, mouth=0.0, source=None),
+    "ode-mouth": dict(cfg=1.0, mouth=4.0, source=None),
+    "ode-cfg-mouth": dict(cfg=4.5, mouth=4.0, source=None),
+    "dmd": dict(source="ode"),
+    "dmd-cfg-mouth": dict(source="ode-cfg-mouth"),
+}
+DEFAULT_STUDENTS = "ode-cfg-mouth"
+# The targets on unseen identities (README, bench.quality), relative ones against the ground truth of the same
+# streams. The gate enforces identity, drift and flicker; articulation and lip-sync are recorded with the metrics.
+TARGETS = dict(identity=0.99, drift=1.5, flicker=2.0, mouth_amplitude=0.9, mouth_amplitude_worst=0.7,
+               sync_fraction=0.9)
 
 
 def parse_minutes(text: str | None) -> dict:
@@ -136,22 +158,23 @@ def train_teacher(cfg, batches: Batches, minutes, cap, seed, log):
     return ema.model, ema_text.model, info
 
 
-def run_backfill(teacher, text, batches: Batches, levels, minutes, count, seed, log, history=2, window=4):
-    """`count` teacher trajectories of history + window frames (batches of 16)."""
+def run_backfill(teacher, text, batches: Batches, levels, minutes, count, seed, log, history=2, window=4,
+                 cfg_scale: float = 1.0):
+    """`count` teacher trajectories of history + window frames (batches of 16), with audio guidance `cfg_scale`."""
     g = torch.Generator().manual_seed(seed + 21)
     out, start = [], time.perf_counter()
-    for _ in tqdm(range(0, count, 16), desc="backfill", unit="batch"):
+    for _ in tqdm(range(0, count, 16), desc=f"backfill cfg {cfg_scale:g}", unit="batch"):
         if time.perf_counter() - start > 60 * minutes:
             break
         b = batches.window(16, history + window)
-        traj = backfill(teacher, text, b["ref"], b["audio"], history + window, levels, g)
+        traj = backfill(teacher, text, b["ref"], b["audio"], history + window, levels, g, cfg_scale=cfg_scale)
         out.append(dict(ref=b["ref"].half(), audio=b["audio"].half(), x0=traj["x0"].half(),
                         states=traj["states"].half()))
-    log(f"backfill: {16 * len(out)} trajectories in {time.perf_counter() - start:.1f} s")
+    log(f"backfill (cfg {cfg_scale:g}): {16 * len(out)} trajectories in {time.perf_counter() - start:.1f} s")
     return out
 
 
-def train_ode(teacher, text, trajectories, levels, minutes, cap, seed, log):
+def train_ode(teacher, text, trajectories, levels, minutes, cap, seed, log, weight=None, name="ode"):
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed + 31)
@@ -164,14 +187,14 @@ def train_ode(teacher, text, trajectories, levels, minutes, cap, seed, log):
             int(torch.randint(0, 10, (), generator=g))]
         ex = ode_example({"x0": t["x0"].float(), "states": t["states"].float()}, t["ref"].float(),
                          t["audio"].float(), levels, history=2, kind=kind)
-        loss = ode_loss(student, text, ex)
+        loss = ode_loss(student, text, ex, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         return loss.item()
 
-    info = timed_loop("ode", minutes, cap, step, log)
+    info = timed_loop(name, minutes, cap, step, log)
     return student.eval().requires_grad_(False), info
 
 
@@ -211,34 +234,87 @@ def train_dmd(ode_student, teacher, text, make_pipe, clips, rows, stream, minute
     return student.eval().requires_grad_(False), info
 
 
+def teacher_recipe(args, caps: dict, minutes: dict) -> dict:
+    """Everything the autoencoder and teacher stages depend on: a saved teacher is reused only for the same."""
+    return dict(seed=args.seed, threads=args.threads, clips=args.clips, seconds=args.seconds, device=args.device,
+                ae_steps=caps["ae"], teacher_steps=caps["teacher"], ae_minutes=minutes["ae"],
+                teacher_minutes=minutes["teacher"], torch=str(torch.__version__))
+
+
+def save_teacher(path: Path, recipe: dict, teacher, text, ae, batches: Batches, timings: dict) -> None:
+    """The teacher stage's result with what later stages read from the run's state: the autoencoder (statistics
+    included), the global torch RNG and the batch sampler's generator, so --resume continues the same run."""
+    torch.save({"recipe": recipe, "dit": cpu_state(teacher), "text": cpu_state(text), "ae": cpu_state(ae),
+                "rng": torch.get_rng_state(), "batches_rng": batches.g.get_state(),
+                "timings": {k: timings[k] for k in ("ae", "teacher")}}, path)
+
+
+def load_teacher_stage(src: Path, recipe: dict) -> dict:
+    path = src / "stages" / "teacher.pt"
+    if not path.is_file():
+        raise SystemExit(f"train.toy: --resume {src}: no {path}; a run writes it once its teacher is trained "
+                         "(--stop-after teacher ends a run there)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("recipe") != recipe:
+        before = saved.get("recipe") or {}
+        diff = {k: (before.get(k), v) for k, v in recipe.items() if before.get(k) != v}
+        raise SystemExit(f"train.toy: --resume {src}: its teacher was trained on another recipe (saved, now): "
+                         f"{diff}; run with the same options, or without --resume")
+    return saved
+
+
+def resumed_teacher(saved: dict, cfg: ModelConfig, batches: Batches, device):
+    """The saved teacher and text context on `device`, with the run's random state as it was after the teacher."""
+    teacher = AvatarDiT(cfg).to(device).eval().requires_grad_(False)
+    teacher.load_state_dict(saved["dit"])
+    text = TextEmbedding(cfg.text_len, cfg.text_dim).to(device).requires_grad_(False)
+    text.load_state_dict(saved["text"])
+    torch.set_rng_state(saved["rng"])
+    batches.g.set_state(saved["batches_rng"])
+    return teacher, text, saved["timings"]["teacher"]
+
+
 # ---------------------------------------------------------------------------------------------- gate + ship
-def gate(ode_m: dict, dmd_m: dict) -> tuple[str, str]:
-    """Ship DMD only if lip-sync >= ODE's at equal identity, without more drift or flicker (the plan's gate)."""
-    checks = {"sync": dmd_m["sync_r"] >= ode_m["sync_r"],
-              "identity": dmd_m["identity"] >= ode_m["identity"] - 0.005,
-              "drift": dmd_m["de2000_last10"] <= 1.2 * ode_m["de2000_last10"],
-              "flicker": dmd_m["flicker"] <= 1.2 * ode_m["flicker"]}
-    failed = [k for k, ok in checks.items() if not ok]
-    return ("dmd", "all checks passed") if not failed else ("ode", "DMD failed: " + ", ".join(failed))
+def gate(scores: dict, baseline: str) -> tuple[str, dict]:
+    """Ship the student with the widest mouth (mean articulation) among those that meet the identity, drift and
+    flicker targets and articulate at least as well as `baseline` (mean and worst identity); the baseline itself
+    ships if none does. Returns (choice, {student: why it passed or failed})."""
+    base = scores[baseline]
+    reasons = {}
+    for name, m in scores.items():
+        checks = {"identity": m["identity"] >= TARGETS["identity"],
+                  "drift": m["de2000_last10"] <= TARGETS["drift"] * m["de2000_first"],
+                  "flicker": m["flicker"] <= TARGETS["flicker"] * m["flicker_truth"]}
+        if name != baseline:
+            checks["articulation"] = (m["mouth_amplitude"] >= base["mouth_amplitude"]
+                                      and m["mouth_amplitude_worst"] >= base["mouth_amplitude_worst"])
+        failed = [k for k, ok in checks.items() if not ok]
+        reasons[name] = "passed" if not failed else "failed " + ", ".join(failed)
+    better = [k for k in scores if k != baseline and reasons[k] == "passed"]
+    return (max(better, key=lambda k: scores[k]["mouth_amplitude"]) if better else baseline), reasons
 
 
 class Evaluation:
-    """The gate's yardstick: bench.quality's probes trained on their own clips, 8 s streams of unseen identities
-    for lip-sync, identity and flicker, and 60 s streams for drift (bench/quality.py defines the metrics)."""
+    """The gate's yardstick: bench.quality's probes trained on their own clips; 8 s streams of unseen identities,
+    each once with random speech and once saying bench.quality's fixed sentence, for lip-sync, articulation,
+    identity and flicker; 60 s streams for drift (bench/quality.py defines the metrics)."""
 
     def __init__(self, clips: int, identities: int, smoke: bool):
-        from bench.quality import PROBE_SEED0, VAL_SEED0, train_probes
+        from bench.quality import PROBE_SEED0, VAL_SEED0, ground_truth, sentence_clips, train_probes
         from train.synth import make_clip
         self.probes = train_probes(make_clips(max(2, clips // 3), 4.0, PROBE_SEED0, desc="probe clips"))
         self.val = [make_clip(VAL_SEED0 + i, 8.0) for i in range(identities)]
+        self.sentence = sentence_clips(identities)
         self.long = [make_clip(VAL_SEED0 + i, 8.0 if smoke else 60.0) for i in range(min(2, identities))]
+        self.flicker_truth = ground_truth(self.probes, self.val + self.sentence)["flicker"]
 
     def score(self, pipe, stream: StreamConfig) -> dict:
         from bench.quality import evaluate
         # the reference loop (engine=False): the same computation on every device
-        short = evaluate(pipe, stream, self.probes, self.val, engine=False)
+        short = evaluate(pipe, stream, self.probes, self.val + self.sentence, engine=False)
         drift = evaluate(pipe, stream, self.probes, self.long, engine=False)
-        return {**short, "de2000_last10": drift["de2000_last10"], "de2000_60s": drift["de2000"]}
+        return {**short, "de2000_first": short["de2000"], "de2000_last10": drift["de2000_last10"],
+                "de2000_60s": drift["de2000"], "flicker_truth": self.flicker_truth}
 
 
 def training_clips(n: int, seconds: float, seed: int):
@@ -301,7 +377,12 @@ def main(argv=None) -> int:
     p.add_argument("--trajectories", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-identities", type=int, default=4)
+    p.add_argument("--eval-identities", type=int, default=8)
+    p.add_argument("--students", default=DEFAULT_STUDENTS,
+                   help=f"students to train, from: {', '.join(STUDENTS)} (default {DEFAULT_STUDENTS})")
+    p.add_argument("--baseline", default=str(TOY_ASSETS),
+                   help="the toy-talker the gate compares the students with, measured on the same yardstick "
+                        "(default: the installed one; 'none' or a missing directory: the first student listed)")
     p.add_argument("--install", action="store_true", help="copy the result into runtime/assets/toy/")
     p.add_argument("--smoke", action="store_true",
                    help="a few minutes end to end (tiny data, 20 steps per stage)")
@@ -310,10 +391,23 @@ def main(argv=None) -> int:
                         "std (default 0.2)")
     p.add_argument("--decoder-latent-noise", type=float, default=0.2,
                    help="code noise of the decoder step shared by the four frames of a latent (default 0.2)")
+    p.add_argument("--stop-after", choices=["teacher"], default=None,
+                   help="end the run once the teacher is trained and saved in OUT/stages/teacher.pt")
+    p.add_argument("--resume", metavar="SRC", default=None,
+                   help="take the autoencoder and teacher from SRC/stages/teacher.pt, written by a run with the same "
+                        "seed, threads, data and autoencoder/teacher steps, instead of training them again; the "
+                        "later stages then compute what a full run computes")
     p.add_argument("--harden-decoder", metavar="SRC", default=None,
                    help="only the last step: harden the decoder of the toy-talker in SRC (its training clips are "
                         "regenerated from its manifest) and write the result to --out")
     args = p.parse_args(argv)
+    args.students = [x.strip() for x in args.students.split(",") if x.strip()]
+    for name in args.students:
+        if name not in STUDENTS:
+            p.error(f"unknown student {name!r} in --students; students: {', '.join(STUDENTS)}")
+        source = STUDENTS[name]["source"]
+        if source and source not in args.students[:args.students.index(name)]:
+            p.error(f"--students: {name} is trained from {source}; list {source} before it")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     device = training_device(args.device)
     minutes = parse_minutes(args.minutes_per_stage)
@@ -326,6 +420,7 @@ def main(argv=None) -> int:
     if args.smoke:              # step caps only, so a smoke run is as deterministic as a full one
         caps = {k: min(v, 20) for k, v in caps.items()}
         args.clips, args.trajectories, args.eval_identities = 12, 32, 1
+        args.baseline = "none"          # a smoke student cannot beat a trained model
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_file = (out / "log.txt").open("w")
@@ -348,11 +443,17 @@ def main(argv=None) -> int:
     timings["data"] = round(time.perf_counter() - t0, 1)
     log(f"data: {len(clips)} clips x {args.seconds} s in {timings['data']} s, sha256 {clips.sha256()[:16]}")
 
-    # -- autoencoder + statistics --
+    # -- autoencoder (or the one a run with the same recipe saved with its teacher) + statistics --
+    recipe = dict(teacher_recipe(args, caps, minutes), data_sha256=clips.sha256())
+    saved = load_teacher_stage(Path(args.resume), recipe) if args.resume else None
     torch.manual_seed(args.seed + 1)
     ae = FrameAE(base).to(device)
-    timings["ae"] = ae_stage.train_ae(ae, clips, minutes=minutes["ae"], max_steps=caps["ae"], seed=args.seed + 1,
-                                      log=log)
+    if saved:
+        ae.load_state_dict(saved["ae"])
+        timings["ae"] = saved["timings"]["ae"]
+    else:
+        timings["ae"] = ae_stage.train_ae(ae, clips, minutes=minutes["ae"], max_steps=caps["ae"],
+                                          seed=args.seed + 1, log=log)
     ae_psnr_train = ae_stage.evaluate_ae(ae, clips)
     ae_val = ae_validation_clips(args.smoke)
     ae_psnr = ae_stage.evaluate_ae(ae, ae_val)
@@ -370,46 +471,79 @@ def main(argv=None) -> int:
     rows = normalise_rows(rows_raw, lm_mean, lm_std)
     batches = Batches(latents, rows, torch.Generator().manual_seed(args.seed + 2), device)
 
-    # -- teacher, backfill, stage 1 --
-    teacher, text, timings["teacher"] = train_teacher(cfg, batches, minutes["teacher"], caps["teacher"],
-                                                      args.seed + 3, log)
-    levels = stream_sigmas(stream)
-    t0 = time.perf_counter()
-    traj = run_backfill(teacher, text, batches, levels, minutes["backfill"], args.trajectories, args.seed + 4, log)
-    timings["backfill"] = round(time.perf_counter() - t0, 1)
+    # -- teacher (or the one a run with the same recipe saved), backfill, stage 1 --
     stages = out / "stages"
     stages.mkdir(exist_ok=True)
-    torch.save({"dit": cpu_state(teacher), "text": cpu_state(text)}, stages / "teacher.pt")
-    ode_student, timings["ode"] = train_ode(teacher, text, traj, levels, minutes["ode"], caps["ode"],
-                                            args.seed + 5, log)
+    if saved:
+        teacher, text, timings["teacher"] = resumed_teacher(saved, cfg, batches, device)
+        log(f"autoencoder and teacher: taken from {args.resume} (trained {timings['ae']}, {timings['teacher']})")
+    else:
+        teacher, text, timings["teacher"] = train_teacher(cfg, batches, minutes["teacher"], caps["teacher"],
+                                                          args.seed + 3, log)
+    save_teacher(stages / "teacher.pt", recipe, teacher, text, ae, batches, timings)
+    if args.stop_after == "teacher":
+        log(f"stopped after the teacher: {stages / 'teacher.pt'} (continue with --resume {out})")
+        return 0
+    levels = stream_sigmas(stream)
+    students, timings["backfill"], timings["students"] = {}, {}, {}
+    after_teacher, batches_state = torch.get_rng_state(), batches.g.get_state()
+    trajectories = {}
+    for name in args.students:
+        recipe_s = STUDENTS[name]
+        if recipe_s["source"]:
+            continue
+        scale = recipe_s["cfg"]
+        if scale not in trajectories:          # every backfill draws the same windows and noise
+            batches.g.set_state(batches_state)
+            t0 = time.perf_counter()
+            trajectories[scale] = run_backfill(teacher, text, batches, levels, minutes["backfill"],
+                                               args.trajectories, args.seed + 4, log, cfg_scale=scale)
+            timings["backfill"][f"cfg {scale:g}"] = round(time.perf_counter() - t0, 1)
+        torch.set_rng_state(after_teacher)    # every student starts from the run's state after the teacher
+        weight = latent_weight(mouth_region(), cfg.latent_hw, recipe_s["mouth"]) if recipe_s["mouth"] else None
+        students[name], timings["students"][name] = train_ode(teacher, text, trajectories[scale], levels,
+                                                              minutes["ode"], caps["ode"], args.seed + 5, log,
+                                                              weight=weight, name=name)
 
     # -- stage 2 --
     def make_pipe(dit):
         return toy_pipeline(cfg, dit, ae, text.context[0].detach())
 
-    dmd_student, timings["dmd"] = train_dmd(ode_student, teacher, text, make_pipe, clips, rows, stream,
-                                            minutes["dmd"], caps["dmd"], args.seed + 6, log)
-
-    for name, dit in (("ode", ode_student), ("dmd", dmd_student)):
+    for name in args.students:
+        source = STUDENTS[name]["source"]
+        if source:
+            torch.set_rng_state(after_teacher)
+            students[name], timings["students"][name] = train_dmd(
+                students[source], teacher, text, make_pipe, clips, rows, stream, minutes["dmd"], caps["dmd"],
+                args.seed + 6, log)
+    for name, dit in students.items():
         torch.save({"dit": cpu_state(dit)}, stages / f"{name}.pt")
 
-    # -- metrics and the gate --
+    # -- the decoder (it does not depend on the DiT; see finish_decoder), then metrics and the gate --
+    timings["decoder"] = finish_decoder(ae, clips, cfg, caps["decoder"], args, args.seed + 7, log)
+    ae_psnr = ae_stage.evaluate_ae(ae, ae_val)
     t0 = time.perf_counter()
     evaluation = Evaluation(args.clips, args.eval_identities, args.smoke)
     scores = {}
-    for name, dit in (("ode", ode_student), ("dmd", dmd_student)):
+    for name, dit in students.items():
         scores[name] = evaluation.score(make_pipe(dit), stream)
         log(f"{name} student: {scores[name]}")
-    choice, reason = gate(scores["ode"], scores["dmd"])
+    if args.baseline.lower() != "none" and (Path(args.baseline) / "toy-talker.json").is_file():
+        from runtime.pipeline import AvatarPipeline
+        baseline = f"baseline ({args.baseline})"
+        scores[baseline] = evaluation.score(AvatarPipeline.from_toy(args.baseline, device=device), stream)
+        log(f"{baseline}: {scores[baseline]}")
+    else:
+        baseline = args.students[0]
+    choice, reasons = gate(scores, baseline)
+    if choice == baseline and baseline not in students:
+        raise SystemExit(f"train.toy: no student passed the gate against {baseline} "
+                         f"({'; '.join(f'{k}: {v}' for k, v in reasons.items())}); the model in {out} is not "
+                         f"written (each student is in {stages})")
     timings["metrics"] = round(time.perf_counter() - t0, 1)
-    log(f"gate: ship {choice} ({reason})")
-    shipped = ode_student if choice == "ode" else dmd_student
-
-    # -- the decoder, hardened last (see finish_decoder) --
-    timings["decoder"] = finish_decoder(ae, clips, cfg, caps["decoder"], args, args.seed + 7, log)
-    ae_psnr = ae_stage.evaluate_ae(ae, ae_val)
-    scores["shipped"] = evaluation.score(make_pipe(shipped), stream)
-    log(f"shipped ({choice} student, hardened decoder): {scores['shipped']}; autoencoder PSNR {ae_psnr:.2f} dB")
+    log(f"gate: ship {choice} ({'; '.join(f'{k}: {v}' for k, v in reasons.items())})")
+    shipped = students[choice]
+    scores["shipped"] = scores[choice]
 
     # -- ship --
     for i, c in enumerate(evaluation.val[:4]):
@@ -421,10 +555,10 @@ def main(argv=None) -> int:
     _write_wav(out / "hello.wav", hello)
     timings["total"] = round(time.perf_counter() - t_all, 1)
     meta = save_model(out, cfg, stream, shipped, ae, text, dict(
-        shipped=choice, gate=reason, metrics=scores, autoencoder_psnr_db=round(ae_psnr, 2), timings=timings,
+        shipped=choice, gate=reasons, targets=TARGETS, metrics=scores, autoencoder_psnr_db=round(ae_psnr, 2), timings=timings,
         training=dict(command=" ".join(["python -m train.toy"] + args.argv), seed=args.seed,
                       threads=args.threads, device=device_name(device), clips=args.clips, seconds=args.seconds,
-                      data_sha256=clips.sha256(),
+                      students={k: STUDENTS[k] for k in args.students}, data_sha256=clips.sha256(),
                       espeak=espeak_version(), torch=torch.__version__, platform=platform.platform())))
     meta["sha256"] |= {f.name: sha256_file(f) for f in sorted(out.glob("ref_*.png"))}
     meta["sha256"]["hello.wav"] = sha256_file(out / "hello.wav")
