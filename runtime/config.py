@@ -281,6 +281,9 @@ STREAM_PRESETS: dict[str, dict] = {
     "relative": dict(anchor_in_cache_pass="reindexed"),
     # One latent frame per block: the same 4 refinements per frame with a quarter of the look-ahead.
     "low-delay": dict(block_frames=1, anchor_in_cache_pass="reindexed"),
+    # As low-delay, with its four noise levels spent as two passes over a window of two blocks: 4 frames (0.16 s)
+    # of look-ahead instead of 12. Live serving's stream for toy-talker (its json's `live_stream`).
+    "live": dict(block_frames=1, window_blocks=2, passes=2, anchor_in_cache_pass="reindexed"),
 }
 
 

@@ -64,6 +64,7 @@ class AvatarPipeline:
         self.vae_dtype = dtype
         self.random_components = tuple(random_components)
         self.default_stream = StreamConfig.preset("official")     # what session()/generate() use by default
+        self.live_stream: StreamConfig | None = None    # what live serving uses (runtime.live); None: default_stream
         self._text_cache: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ construction
@@ -114,6 +115,8 @@ class AvatarPipeline:
         pipe = cls(cfg, dit=parts["dit."], vae=parts["ae."], audio_encoder=LogMelFeatures.from_config(cfg),
                    text_encoder=text, device=device, dtype=dtype)
         pipe.default_stream = stream
+        if meta.get("live_stream"):           # a preset measured to match the model's own stream with less delay
+            pipe.live_stream = StreamConfig.preset(meta["live_stream"])
         return pipe
 
     @classmethod

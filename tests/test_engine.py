@@ -30,7 +30,7 @@ def stream_latents(pipe, image, stream, engine, feats, compile=False, seed=0):
     return latents, frames, sess
 
 
-@pytest.mark.parametrize("stream,tol", [("official", 0.0), ("relative", 0.0), ("low-delay", 1e-6)])
+@pytest.mark.parametrize("stream,tol", [("official", 0.0), ("relative", 0.0), ("low-delay", 1e-6), ("live", 1e-6)])
 def test_engine_equals_session(pipe, image, stream, tol):
     """fp32 on CPU. Bitwise where the ring is read in the same order; low-delay reads its wrapped ring in
     physical slot order (the session in time order), which changes the softmax summation order only."""

@@ -74,15 +74,19 @@ def test_official_plan_for_25_latent_frames_matches_the_traced_loop():
 
 
 def test_every_block_is_emitted_once_after_L_levels():
-    for name in ("official", "relative", "low-delay"):
+    """Every block passes through the window's L positions, one per step, and gets all L * N noise levels, noisiest
+    first (N passes per step; `live`: L = 2, N = 2)."""
+    for name in ("official", "relative", "low-delay", "live"):
         cfg = StreamConfig.preset(name)
         plan = build_plan(cfg, 1 + cfg.block_frames * 7)
         assert [sp.emit for sp in plan.steps if sp.emit is not None] == list(range(7))
-        seen = {}
+        seen, noise = {}, {}
         for sp in plan.steps:
-            for b, j in zip(sp.blocks, sp.levels):
+            for i, (b, j) in enumerate(zip(sp.blocks, sp.levels)):
                 seen.setdefault(b, []).append(j)
-        assert all(levels == [0, 1, 2, 3] for levels in seen.values())
+                noise.setdefault(b, []).extend(p.timesteps[i * cfg.block_frames] for p in sp.passes)
+        assert all(levels == list(range(cfg.window_blocks)) for levels in seen.values()), name
+        assert all(len(set(t)) == 4 and t == sorted(t, reverse=True) for t in noise.values()), name
 
 
 def test_relative_preset_reindexes_the_cache_pass_anchor():
