@@ -115,10 +115,15 @@ def device_and_dtype(device=None, dtype=None):
     return device, resolve_dtype(dtype, default=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
-def serving_pipeline(preset: str | None, weights: str | None = None, device=None):
-    """The pipeline a server or worker loads: the CLI's device and dtype defaults, the same messages as the CLI's."""
+def serving_pipeline(preset: str | None, weights: str | None = None, device=None, stream: str | None = None):
+    """The pipeline a server or worker loads: the CLI's device and dtype defaults, the same messages as the CLI's.
+    `stream`: the preset its live sessions run (default: the model's live stream, else its own)."""
+    from .config import StreamConfig
+    live_stream = StreamConfig.preset(stream) if stream else None      # a bad name fails before the model loads
     device, dtype = device_and_dtype(device, None)
-    return build_pipeline(argparse.Namespace(preset=preset, weights=weights, seed=0), device, dtype)
+    pipe = build_pipeline(argparse.Namespace(preset=preset, weights=weights, seed=0), device, dtype)
+    pipe.live_stream = live_stream or pipe.live_stream
+    return pipe
 
 
 def build_pipeline(args, device, dtype):

@@ -9,7 +9,7 @@
 
 Time is cut into slots of 40 ms. Slot s's audio is taken from the input at its tick, t_s = T0 + 40 ms * s: 640
 samples of what has arrived, or silence when the input has run dry, so the avatar idles instead of stalling (a
-speech onset waits until 1.5 frames are queued, so that arrival jitter does not cut it into pieces). A producer
+speech onset waits until a whole frame is queued, so that arrival jitter does not cut it into pieces). A producer
 thread pushes each tick's audio into the session; the frame that audio drives becomes slot s's frame and leaves
 together with it at the play time P_s = t_s + D, so audio and lips are paired by construction. D is constant for
 the stream: the structural wait of the frame that waits longest, (look-ahead + 4B - 1) frames, plus a margin for the
@@ -33,7 +33,9 @@ With `source_rate=R`, every feed is first resampled to R Hz mono and kept next t
 in proportion per fed chunk), so a transport can play the speech at its own rate instead of the model's 16 kHz.
 
 The session's frame 0 (the reference reconstruction, before any audio) is not sent. Only the producer thread
-touches the session. Not here: network transports (runtime/serve/, runtime/integrations/).
+touches the session once the clock runs; warm-up and producer run in threads of their own with the stream's OpenMP
+thread count (`threads`), and a serving process keeps its other threads at one (`host_thread`). Not here: network
+transports (runtime/serve/, runtime/integrations/).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ import asyncio
 import collections
 import gc
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,9 +58,9 @@ FRAME_SAMPLES = 640                 # 40 ms at 16 kHz: one video frame's audio
 FPS = 25
 FRAME_S = 1.0 / FPS
 ONSET_SAMPLES = 640                 # speech starts once a whole frame is queued
-WARMUP_STEPS = 10                   # steps of silence run before the clock starts (JIT, compile, step timing)
-TIMED_STEPS = 4                     # the last warm-up steps, whose slowest sets the compute margin
-MIN_MARGIN_S = 0.06
+WARMUP_STEPS = 14                   # steps of silence run before the clock starts (JIT, compile, step timing)
+TIMED_STEPS = 8                     # the last warm-up steps, run at the clock's pace; the slowest sets the margin
+MIN_MARGIN_S = 0.12                 # the slowest live steps on a 2-core VM: 93-111 ms in 30 s (median 37-40)
 MAX_LAG_S = 1.0                     # a producer this far behind the clock (or D, if longer) restarts the stream
 
 
@@ -216,22 +219,44 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def live_session(pipe, image, *, compile: bool | None = None):
-    """A session for live use: the static-shape engine, its step compiled (torch.compile) on a CPU by default (the
-    small models' steps are bound by Python dispatch, which compiling removes; toy-talker: ~36 ms a step instead of
-    60-80; the compiled step is shared by later sessions). On CUDA the engine's graphs do that already."""
+def host_thread() -> None:
+    """For a serving process, in every long-lived thread that is not a live stream's (the main thread before it loads
+    the model, the event loop's worker threads): compute with one OpenMP thread, so that only the live streams'
+    compute threads own OpenMP teams. libgomp cuts its workers' spin-wait to almost nothing once it manages more
+    threads than the machine has cores, and every thread that has run a parallel torch op keeps a team; with the
+    main thread's team alive, toy-talker's step in a stream's thread took 47-52 ms on 2 cores instead of 25."""
+    torch.set_num_threads(1)
+
+
+def threads_per_stream(streams: int) -> int:
+    """OpenMP threads for each of `streams` concurrent live streams: this machine's cores (OMP_NUM_THREADS, if
+    set) shared out, at least 1."""
+    cores = int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, streams))
+
+
+def live_session(pipe, image, *, compile: bool | None = None, stream=None):
+    """A session for live use: the pipeline's live stream (`pipe.live_stream`, else its default; `stream` overrides
+    both) on the static-shape engine, its step compiled (torch.compile) on a CPU by default (the small models' steps
+    are bound by Python dispatch, which compiling removes; the compiled step is shared by later sessions). On CUDA
+    the engine's graphs do that already."""
     compile = pipe.device.type == "cpu" if compile is None else compile
-    return pipe.session(image, fit="crop", engine=True, compile=compile)
+    stream = stream or pipe.live_stream or pipe.default_stream
+    return pipe.session(image, stream=stream, fit="crop", engine=True, compile=compile)
 
 
 class LiveStream:
     """One session on a 25 fps clock (see the module docstring). `delay_s`: the constant play delay D (default:
     structural wait + a compute margin measured during warm-up); `clock`: a monotonic time source in seconds;
-    `source_rate`: keep the input at this rate too, in each frame's `source` (see the module docstring)."""
+    `source_rate`: keep the input at this rate too, in each frame's `source` (see the module docstring); `threads`:
+    the OpenMP threads of the stream's compute (default: the constructing thread's torch.get_num_threads()), which
+    runs in threads of its own (warm-up, then the producer) so that they own the OpenMP teams (see `host_thread`)."""
 
     def __init__(self, session, *, delay_s: float | None = None, margin_s: float | None = None,
-                 clock=time.monotonic, warmup: bool = True, start: bool = True, source_rate: int | None = None):
+                 clock=time.monotonic, warmup: bool = True, start: bool = True, source_rate: int | None = None,
+                 threads: int | None = None):
         self.session = session
+        self.threads = threads or torch.get_num_threads()
         cfg, stream = session.cfg, session.stream
         if cfg.sample_rate != SAMPLE_RATE or cfg.samples_per_frame != FRAME_SAMPLES or cfg.fps != FPS:
             raise ValueError(f"the live core runs 25 fps from 16 kHz audio; model {cfg.name!r} has {cfg.fps} fps, "
@@ -259,11 +284,10 @@ class LiveStream:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.on_step = None          # optional callback(ms) from the producer thread after each window step
-        margin = margin_s
-        if warmup:
-            margin = self._warm_up() if margin is None else margin
-        self.delay_s = delay_s if delay_s is not None else \
-            self.structural_frames * FRAME_S + max(MIN_MARGIN_S, margin or MIN_MARGIN_S)
+        margin = margin_s               # given: used as is; measured (or no warm-up): at least MIN_MARGIN_S
+        if margin is None:
+            margin = max(MIN_MARGIN_S, self._in_compute_thread(self._warm_up) if warmup else 0.0)
+        self.delay_s = delay_s if delay_s is not None else self.structural_frames * FRAME_S + margin
         if self.delay_s < self.structural_frames * FRAME_S:
             raise ValueError(f"delay_s={self.delay_s:.3f} s is below the structural wait of this stream "
                              f"({self.structural_frames} frames = {self.structural_frames * FRAME_S:.2f} s): every "
@@ -395,21 +419,48 @@ class LiveStream:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
+    def _in_compute_thread(self, fn):
+        """fn() in a new thread with the stream's OpenMP threads (the thread, and its team, end with it)."""
+        out = {}
+
+        def run():
+            torch.set_num_threads(self.threads)
+            try:
+                out["value"] = fn()
+            except BaseException as err:               # re-raised in the caller's thread
+                out["error"] = err
+        thread = threading.Thread(target=run, name="live-warm-up")
+        thread.start()
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
+
     def _warm_up(self) -> float:
-        """Run WARMUP_STEPS windows of silence (JIT, allocations, the engine's compile and capture), then reset;
-        returns the compute margin: 1.5x the slowest of the last TIMED_STEPS steps (a live step also shares the
-        machine with the transport's encoders)."""
+        """Run WARMUP_STEPS windows of silence (JIT, allocations, the engine's compile and capture), the last
+        TIMED_STEPS of them tick by tick at the clock's pace, then reset; returns the compute margin: 2x the
+        slowest timed step (the stream takes at least MIN_MARGIN_S). Timed at pace, not back to back: a step that
+        follows idle ticks runs slower (toy-talker's low-delay step on 2 cores: 25 ms back to back, 38 ms p50 at
+        pace). Twice the slowest, because a live step also shares the machine with the transport's encoders and
+        the event loop (a server's steps: 37 ms p50, 93 ms the slowest in 30 s, where 1.5x the slowest warm-up
+        step, 64 ms, left 2 frames in 750 late)."""
         sess, per_step = self.session, self.session.stream.block_frames * self.session.cfg.audio_frames_per_latent
+        silence = np.zeros(FRAME_SAMPLES, np.float32)
         times = []
         with torch.inference_mode():
-            for _ in range(WARMUP_STEPS):
-                start = time.perf_counter()
+            for _ in range(WARMUP_STEPS - TIMED_STEPS):
                 sess.push_audio(np.zeros(per_step * FRAME_SAMPLES, np.float32))
-                times.append(time.perf_counter() - start)
+            for _ in range(TIMED_STEPS):
+                for _ in range(per_step):
+                    time.sleep(FRAME_S)
+                    start = time.perf_counter()
+                    sess.push_audio(silence)
+                times.append(time.perf_counter() - start)        # the step's tick: the block's last
             sess.reset()
-        return 1.5 * max(times[-TIMED_STEPS:])
+        return 2.0 * max(times)
 
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode():
                 while not self._closed.is_set():

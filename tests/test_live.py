@@ -259,3 +259,59 @@ def test_speech_fed_right_after_an_interrupt_is_kept(pipe, speech):
     frames = play(live, clock, range(0, 50))
     spoken = np.concatenate([f.audio for f in frames if f.speech])
     assert np.array_equal(spoken, fresh) and live.stats()["dropped_audio_frames"] == 15
+
+
+def test_compute_runs_in_threads_of_its_own_with_the_streams_thread_count(pipe):
+    """Warm-up and steps run outside the constructing thread, with the stream's OpenMP thread count (the caller's
+    own count is left alone); the measured margin is at least MIN_MARGIN_S."""
+    import threading
+    import time
+
+    import torch
+
+    from runtime.live import MIN_MARGIN_S
+    sess, seen, caller = pipe.session(FACE), [], threading.current_thread()
+    push = sess.push_audio
+
+    def recording(pcm):
+        seen.append((threading.current_thread() is caller, torch.get_num_threads()))
+        return push(pcm)
+    sess.push_audio = recording
+    before = torch.get_num_threads()
+    live = LiveStream(sess, threads=1)                     # warms up, then the producer starts
+    try:
+        warm, deadline = len(seen), time.monotonic() + 10
+        while len(seen) < warm + 8 and time.monotonic() < deadline:      # the producer's first ticks
+            time.sleep(0.05)
+    finally:
+        live.close()
+    assert warm >= 14 and len(seen) >= warm + 8
+    assert all(not in_caller and n == 1 for in_caller, n in seen)
+    assert torch.get_num_threads() == before
+    assert live.delay_s >= live.structural_frames * FRAME_S + MIN_MARGIN_S - 1e-9
+
+
+def test_threads_per_stream_shares_the_cores(monkeypatch):
+    from runtime.live import threads_per_stream
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert [threads_per_stream(k) for k in (1, 2, 3, 8)] == [4, 2, 1, 1]
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    import os
+    assert threads_per_stream(1) == len(os.sched_getaffinity(0))
+
+
+def test_the_toy_talker_serves_live_on_its_live_stream(pipe):
+    """toy-talker.json names `live` (a third of low-delay's look-ahead): live_session uses it; `stream` overrides."""
+    from runtime.live import live_session
+    assert pipe.default_stream.name == "low-delay" and pipe.live_stream.name == "live"
+    live = LiveStream(live_session(pipe, FACE, compile=False), margin_s=0.1, warmup=False, start=False)
+    # live: 4 frames of look-ahead + 4 frames of a block - 1 = 7 frames before the first frame is computable
+    assert live.session.stream.name == "live" and live.structural_frames == 7
+    assert live_session(pipe, FACE, compile=False, stream="low-delay").stream.name == "low-delay"
+
+
+def test_a_server_can_pick_the_live_stream_and_a_bad_name_fails_before_loading():
+    from runtime.generate import serving_pipeline
+    assert serving_pipeline("toy-talker", device="cpu", stream="low-delay").live_stream.name == "low-delay"
+    with pytest.raises(ValueError, match="unknown stream preset 'fast'.*live"):
+        serving_pipeline("toy-talker", device="cpu", stream="fast")

@@ -226,3 +226,31 @@ def test_session_events_tell_the_client_why_its_session_ended(server):
         listener.join(timeout=10)
     assert got["type"].startswith("text/event-stream")
     assert got["text"].startswith("event: ended\ndata: ") and '"reason": "deleted"' in got["text"]
+
+
+def test_the_server_takes_audio_packets_without_aiortcs_80_ms_prefetch():
+    """aiortc's audio receiver holds four packets back; the server's receivers release each packet once the next
+    arrives (prefetch 0). Checked on a real offer/answer pair, against aiortc's own default before the change."""
+    from aiortc import RTCPeerConnection
+
+    from runtime.serve.app import AUDIO_JITTER_ATTR, shorten_audio_jitter
+
+    async def main():
+        client, server = RTCPeerConnection(), RTCPeerConnection()
+        try:
+            client.addTransceiver("audio", direction="sendrecv")
+            client.addTransceiver("video", direction="recvonly")
+            await client.setLocalDescription(await client.createOffer())
+            await server.setRemoteDescription(client.localDescription)
+            audio = next(t.receiver for t in server.getTransceivers() if t.kind == "audio")
+            video = next(t.receiver for t in server.getTransceivers() if t.kind == "video")
+            before = getattr(audio, AUDIO_JITTER_ATTR)._prefetch
+            changed = shorten_audio_jitter(server)
+            return before, changed, getattr(audio, AUDIO_JITTER_ATTR)._prefetch, getattr(video, AUDIO_JITTER_ATTR)
+        finally:
+            await client.close()
+            await server.close()
+
+    before, changed, after, video_buffer = asyncio.run(main())
+    assert (before, changed, after) == (4, 1, 0)
+    assert video_buffer._is_video                                 # the video receiver keeps its own buffer

@@ -23,6 +23,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="toy-talker", help="model preset (default: the shipped toy-talker)")
     p.add_argument("--weights", help="directory in the official download layout (wan-1.3b)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--stream", default=None,
+                   help="stream preset of the live sessions (default: the model's live stream: 'live' for "
+                        "toy-talker, 0.16 s of look-ahead; the model's own stream for others)")
     p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
                    help="torch.compile the engine step (default: on a CPU; CUDA graphs do the same on a GPU)")
     # network
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
     try:
         import uvicorn
 
-        from ..live import freeze_heap
+        from ..live import freeze_heap, host_thread
         from .app import Hub, create_app
     except ImportError as err:
         print(f"error: the live server needs the 'serve' extra ({err.name} is missing): pip install -e '.[serve]'",
@@ -63,8 +66,9 @@ def main(argv=None) -> int:
     if args.ray:
         return serve_on_ray(args)
     from ..generate import serving_pipeline
+    host_thread()                   # the event loop's thread: no OpenMP team of its own (runtime.live.host_thread)
     try:
-        pipe = serving_pipeline(args.preset, args.weights, args.device)
+        pipe = serving_pipeline(args.preset, args.weights, args.device, args.stream)
     except (ValueError, TypeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -101,7 +105,7 @@ def serve_on_ray(args) -> int:
               file=sys.stderr)
         serve.run(build_app(replicas=args.replicas, max_replicas=args.max_replicas,
                             sessions_per_replica=args.sessions_per_replica, preset=args.preset, weights=args.weights,
-                            device=args.device, compile=args.compile, token=args.token,
+                            device=args.device, stream=args.stream, compile=args.compile, token=args.token,
                             idle_timeout_s=args.idle_timeout), name="avatar", route_prefix="/", blocking=False)
         url = f"http://{args.host}:{args.port}/"
         wait_ready(url, args.replicas)

@@ -20,9 +20,11 @@ which a browser opens without headers):
 A data channel "control" carries {"type": "interrupt"} from the client and {"type": "stats", ...} once a second
 from the server. Bad input is a 4xx with {"error": message}; past `max_sessions` a 503 with Retry-After.
 
-A session holds a StreamSession (made at POST, which checks the image) and, once the offer arrives, a LiveStream
-(warm-up in a worker thread), an RTCPeerConnection, a task that feeds the client's audio into the live core and a
-pacer that hands each LiveFrame to the two outgoing tracks at its play time. Video pts advance 3,600 ticks (90 kHz)
+A session holds a StreamSession (made at POST, which checks the image; on the pipeline's live stream) and, once the
+offer arrives, a LiveStream (warm-up and steps in threads of its own with `Hub.threads` OpenMP threads: the cores
+shared out over max_sessions), an RTCPeerConnection whose audio receiver passes each packet on once the next
+arrives (`shorten_audio_jitter`), a task that feeds the client's audio into the live core and a pacer that hands
+each LiveFrame to the two outgoing tracks at its play time. Video pts advance 3,600 ticks (90 kHz)
 per frame and audio 40 ms per frame, from the same slots, so the browser keeps them in sync. A session ends on
 DELETE, when its connection fails or closes, when it idles past `idle_timeout_s` without media, or when the
 server stops; everything it held is released.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import time
 from fractions import Fraction
@@ -45,7 +48,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..config import TOY_ASSETS
-from ..live import LiveStream, live_session
+from ..live import LiveStream, host_thread, live_session, threads_per_stream
 from ..media import load_image, pcm_to_int16
 
 STATIC = Path(__file__).parent / "static"
@@ -53,6 +56,31 @@ MAX_UPLOAD_BYTES = 10 * 2 ** 20
 VIDEO_CLOCK = 90000
 IDLE_TIMEOUT_S = 30.0          # a session with no offer, or no audio from its client, for this long is ended
 SWEEP_S = 2.0
+AUDIO_JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"      # aiortc 1.14-1.16's private RTCRtpReceiver.__jitter_buffer
+log = logging.getLogger(__name__)
+
+
+def _on_host_thread(fn, *args, **kwargs):
+    """fn in an event-loop worker thread, which computes with one OpenMP thread (runtime.live.host_thread)."""
+    host_thread()
+    return fn(*args, **kwargs)
+
+
+def shorten_audio_jitter(pc: RTCPeerConnection) -> int:
+    """aiortc's audio receiver holds four Opus packets back (80 ms at 20 ms a packet) before it decodes the oldest,
+    and offers no option for it. The live core queues a whole 40 ms frame before speech starts anyway, which absorbs
+    arrival jitter, so each audio receiver of `pc` gets a jitter buffer that releases a packet as soon as the next
+    one arrives (20 ms; it still puts reordered packets back in order): 60 ms less speech-to-lips delay. Call it
+    after setRemoteDescription, before media flows. Returns how many receivers it changed; an aiortc that has
+    renamed its private buffer is left as it is (0)."""
+    from aiortc.jitterbuffer import JitterBuffer
+    changed = 0
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        if transceiver.kind == "audio" and hasattr(receiver, AUDIO_JITTER_ATTR):
+            setattr(receiver, AUDIO_JITTER_ATTR, JitterBuffer(capacity=16, prefetch=0))
+            changed += 1
+    return changed
 
 
 class HTTPError(Exception):
@@ -175,9 +203,11 @@ class Session:
             raise HTTPError(400, f"the offer's SDP is not usable: {err}") from None
         if not any(t.kind == "audio" for t in pc.getTransceivers()):
             raise HTTPError(400, "the offer's SDP has no audio m-line: send the microphone as one audio track")
+        if not shorten_audio_jitter(pc):
+            log.warning("aiortc's audio jitter buffer was not found: its 80 ms prefetch adds to the delay")
         pc.addTrack(audio)
         pc.addTrack(video)
-        self.live = await asyncio.to_thread(LiveStream, self.session)     # warm-up, then the clock starts
+        self.live = await asyncio.to_thread(LiveStream, self.session, threads=self.hub.threads)   # warm-up, clock
         self.live.on_step = self.hub.metrics.step_ms.observe
         self.tasks.append(asyncio.ensure_future(self._pace(video, audio)))
         self.tasks.append(asyncio.ensure_future(self._report()))
@@ -247,9 +277,13 @@ class Hub:
     provides the same for sessions spread over Ray Serve replicas). `sid_prefix` starts every session id."""
 
     def __init__(self, pipe, *, max_sessions: int = 2, idle_timeout_s: float = IDLE_TIMEOUT_S,
-                 faces: dict[str, Path] | None = None, compile: bool | None = None, sid_prefix: str = ""):
+                 faces: dict[str, Path] | None = None, compile: bool | None = None, sid_prefix: str = "",
+                 threads: int | None = None):
         self.pipe, self.max_sessions, self.idle_timeout_s = pipe, max_sessions, idle_timeout_s
         self.compile = compile          # None: live_session's default (compiled on a CPU)
+        # each session's compute threads (the cores shared out over max_sessions); one count for every session,
+        # as the compiled step is specialised to it
+        self.threads = threads or threads_per_stream(max_sessions)
         self.faces = shipped_faces() if faces is None else faces
         self.sid_prefix = sid_prefix
         self.sessions: dict[str, Session] = {}
@@ -263,7 +297,8 @@ class Hub:
                             {"Retry-After": "5"})
         self._creating += 1
         try:
-            stream_session = await asyncio.to_thread(live_session, self.pipe, image, compile=self.compile)
+            stream_session = await asyncio.to_thread(_on_host_thread, live_session, self.pipe, image,
+                                                     compile=self.compile)
         except (ValueError, TypeError) as err:
             raise HTTPError(400, f"the image cannot be used: {err}") from None
         finally:
@@ -301,7 +336,7 @@ class Hub:
         returns the seconds it took."""
         start = time.monotonic()
         face = next(iter(self.faces.values()))
-        LiveStream(live_session(self.pipe, face, compile=self.compile), start=False)
+        LiveStream(live_session(self.pipe, face, compile=self.compile), start=False, threads=self.threads)
         return time.monotonic() - start
 
     def get(self, sid: str) -> Session:

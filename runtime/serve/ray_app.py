@@ -119,10 +119,11 @@ class AvatarReplica:
     """One replica: a pipeline and a Hub of at most `sessions` live sessions (see the module docstring)."""
 
     def __init__(self, preset: str = "toy-talker", weights: str | None = None, device: str | None = None,
-                 sessions: int = 2, compile: bool | None = None, idle_timeout_s: float = 30.0):
+                 sessions: int = 2, compile: bool | None = None, idle_timeout_s: float = 30.0,
+                 stream: str | None = None):
         from ..generate import serving_pipeline
         self.id = serve.get_replica_context().replica_id.unique_id
-        pipe = serving_pipeline(preset, weights, device)
+        pipe = serving_pipeline(preset, weights, device, stream)
         self.hub = Hub(pipe, max_sessions=sessions, idle_timeout_s=idle_timeout_s, compile=compile,
                        sid_prefix=self.id + SEP)
         # Replicas on one machine that compile at once race on TorchInductor's shared cache (one loads a module
@@ -297,7 +298,8 @@ class AvatarIngress:
 
 def build_app(*, replicas: int = 1, sessions_per_replica: int = 2, max_replicas: int | None = None,
               preset: str = "toy-talker", weights: str | None = None, device: str | None = None,
-              gpus_per_replica: float | None = None, compile: bool | None = None, token: str | None = None,
+              stream: str | None = None, gpus_per_replica: float | None = None, compile: bool | None = None,
+              token: str | None = None,
               idle_timeout_s: float = 30.0, health_check_period_s: float = 5.0):
     """The Serve application: `replicas` AvatarReplica (autoscaling up to `max_replicas` when given) behind one
     AvatarIngress. `gpus_per_replica`: default 1 when the device is CUDA (or unset and Ray sees GPUs), else 0."""
@@ -319,7 +321,7 @@ def build_app(*, replicas: int = 1, sessions_per_replica: int = 2, max_replicas:
     ingress = serve.deployment(AvatarIngress, name="AvatarIngress", num_replicas=1,
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_INGRESS_REQUESTS)
     return ingress.bind(replica.bind(preset=preset, weights=weights, device=device, sessions=sessions_per_replica,
-                                     compile=compile, idle_timeout_s=idle_timeout_s),
+                                     compile=compile, idle_timeout_s=idle_timeout_s, stream=stream),
                         token=token, replicas_hint=max_replicas or replicas,
                         sessions_per_replica=sessions_per_replica)
 
