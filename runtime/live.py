@@ -225,7 +225,25 @@ def host_thread() -> None:
     compute threads own OpenMP teams. libgomp cuts its workers' spin-wait to almost nothing once it manages more
     threads than the machine has cores, and every thread that has run a parallel torch op keeps a team; with the
     main thread's team alive, toy-talker's step in a stream's thread took 47-52 ms on 2 cores instead of 25."""
-    torch.set_num_threads(1)
+    own_threads(1)
+
+
+def own_threads(n: int) -> None:
+    """The calling thread computes with n OpenMP threads; threads started later keep the process's default.
+    (torch.set_num_threads also makes n the count every new thread starts with, so that default is read in a fresh
+    thread first and put back from another.)"""
+    torch.get_num_threads()                    # this thread's own lazy start-up, which reads the default, goes first
+    default = _in_fresh_thread(torch.get_num_threads)
+    torch.set_num_threads(n)
+    _in_fresh_thread(torch.set_num_threads, default)
+
+
+def _in_fresh_thread(fn, *args):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn(*args)))
+    thread.start()
+    thread.join()
+    return out[0]
 
 
 def threads_per_stream(streams: int) -> int:
@@ -424,7 +442,7 @@ class LiveStream:
         out = {}
 
         def run():
-            torch.set_num_threads(self.threads)
+            own_threads(self.threads)
             try:
                 out["value"] = fn()
             except BaseException as err:               # re-raised in the caller's thread
@@ -460,7 +478,7 @@ class LiveStream:
         return 2.0 * max(times)
 
     def _run(self) -> None:
-        torch.set_num_threads(self.threads)
+        own_threads(self.threads)
         try:
             with torch.inference_mode():
                 while not self._closed.is_set():

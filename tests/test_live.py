@@ -288,6 +288,12 @@ def test_compute_runs_in_threads_of_its_own_with_the_streams_thread_count(pipe):
     assert warm >= 14 and len(seen) >= warm + 8
     assert all(not in_caller and n == 1 for in_caller, n in seen)
     assert torch.get_num_threads() == before
+    # threads started later (by anyone) keep the process's default, not the stream's count
+    started = []
+    later = threading.Thread(target=lambda: started.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert started == [before]
     assert live.delay_s >= live.structural_frames * FRAME_S + MIN_MARGIN_S - 1e-9
 
 
