@@ -231,11 +231,15 @@ def host_thread() -> None:
 def own_threads(n: int) -> None:
     """The calling thread computes with n OpenMP threads; threads started later keep the process's default.
     (torch.set_num_threads also makes n the count every new thread starts with, so that default is read in a fresh
-    thread first and put back from another.)"""
-    torch.get_num_threads()                    # this thread's own lazy start-up, which reads the default, goes first
-    default = _in_fresh_thread(torch.get_num_threads)
-    torch.set_num_threads(n)
-    _in_fresh_thread(torch.set_num_threads, default)
+    thread first and put back from another, under a lock so that streams starting at once do not keep each other's.)"""
+    with _THREADS_LOCK:
+        torch.get_num_threads()                # this thread's own lazy start-up, which reads the default, goes first
+        default = _in_fresh_thread(torch.get_num_threads)
+        torch.set_num_threads(n)
+        _in_fresh_thread(torch.set_num_threads, default)
+
+
+_THREADS_LOCK = threading.Lock()
 
 
 def _in_fresh_thread(fn, *args):
