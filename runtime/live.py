@@ -242,12 +242,21 @@ def own_threads(n: int) -> None:
 _THREADS_LOCK = threading.Lock()
 
 
-def _in_fresh_thread(fn, *args):
-    out = []
-    thread = threading.Thread(target=lambda: out.append(fn(*args)))
+def _in_fresh_thread(fn, *args, name: str | None = None):
+    """fn(*args) in a new thread, waited for; its exception is raised in the caller's thread."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as err:
+            out["error"] = err
+    thread = threading.Thread(target=run, name=name)
     thread.start()
     thread.join()
-    return out[0]
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def threads_per_stream(streams: int) -> int:
@@ -443,20 +452,10 @@ class LiveStream:
 
     def _in_compute_thread(self, fn):
         """fn() in a new thread with the stream's OpenMP threads (the thread, and its team, end with it)."""
-        out = {}
-
         def run():
             own_threads(self.threads)
-            try:
-                out["value"] = fn()
-            except BaseException as err:               # re-raised in the caller's thread
-                out["error"] = err
-        thread = threading.Thread(target=run, name="live-warm-up")
-        thread.start()
-        thread.join()
-        if "error" in out:
-            raise out["error"]
-        return out["value"]
+            return fn()
+        return _in_fresh_thread(run, name="live-warm-up")
 
     def _warm_up(self) -> float:
         """Run WARMUP_STEPS windows of silence (JIT, allocations, the engine's compile and capture), the last
